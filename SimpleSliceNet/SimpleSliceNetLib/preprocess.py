@@ -1,0 +1,175 @@
+"""From any input grid to the model grid and back.
+
+One affine resampling takes the input (any orientation, spacing, obliquity) onto a RAS-aligned
+model grid of fixed shape and spacing centred on the brain, with the chosen anatomical axis as
+the slice axis. The inverse resampling takes maps computed on the model grid back onto the
+input's own voxel grid, so every output shares the input's shape and affine exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import VolumeError
+from .volume_io import Volume
+
+# Model axes for each slice axis, as RAS unit directions: in-plane rows, in-plane columns, slices.
+SLICE_AXES = {
+    "axial": ((1, 0, 0), (0, 1, 0), (0, 0, 1)),
+    "coronal": ((1, 0, 0), (0, 0, 1), (0, 1, 0)),
+    "sagittal": ((0, 1, 0), (0, 0, 1), (1, 0, 0)),
+}
+
+
+@dataclass
+class PreprocessConfig:
+    """How a volume is put on the model grid (stored in every model file)."""
+
+    shape: tuple[int, int, int] = (192, 192, 96)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.5)
+    slice_axis: str = "axial"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Voxels darker than this fraction of the bright end count as background (skull-stripped input).
+    background_fraction: float = 0.02
+    min_brain_ml: float = 50.0
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.clip_percentiles = tuple(float(p) for p in self.clip_percentiles)
+        if self.slice_axis not in SLICE_AXES:
+            raise ValueError(f"slice_axis must be one of {sorted(SLICE_AXES)}, not {self.slice_axis!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GridMapping:
+    """The pair of grids (input and model) and resampling between them."""
+
+    input_affine: np.ndarray
+    input_shape: tuple[int, int, int]
+    model_affine: np.ndarray
+    model_shape: tuple[int, int, int]
+
+    def to_model(self, array: np.ndarray, order: int = 1) -> np.ndarray:
+        return _resample(array, np.linalg.inv(self.input_affine) @ self.model_affine, self.model_shape, order)
+
+    def to_input(self, array: np.ndarray, order: int = 1) -> np.ndarray:
+        return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order)
+
+
+def _resample(array: np.ndarray, out_to_in: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
+    """Resample ``array`` onto a grid of ``shape`` whose voxel o sits at input index ``out_to_in @ o``.
+
+    torch's grid_sample does this several times faster than scipy on a few cores; voxel
+    centres map exactly (align_corners) and points outside the input read as 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    source = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    # grid_sample's coordinates are (x, y, z) = (k, j, i), normalised to [-1, 1] per axis.
+    flip = np.eye(4)[[2, 1, 0, 3]]
+    in_size = np.array(array.shape[::-1], dtype=float)
+    out_size = np.array(shape[::-1], dtype=float)
+    to_norm = np.diag(np.append(2.0 / (in_size - 1), 1.0))
+    to_norm[:3, 3] = -1.0
+    from_norm = np.diag(np.append((out_size - 1) / 2.0, 1.0))
+    from_norm[:3, 3] = (out_size - 1) / 2.0
+    theta = (to_norm @ flip @ out_to_in @ flip @ from_norm)[:3]
+    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32)[None], [1, 1, *shape], align_corners=True)
+    mode = "nearest" if order == 0 else "bilinear"
+    with torch.inference_mode():
+        out = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy()
+
+
+def _inside(out_to_in: np.ndarray, out_shape: tuple[int, int, int], in_shape: tuple[int, int, int]) -> np.ndarray:
+    """Output voxels whose position falls inside the input grid (within half a voxel)."""
+    i, j, k = (np.arange(n, dtype=np.float32) for n in out_shape)
+    inside = np.ones(out_shape, dtype=bool)
+    for axis in range(3):
+        row = out_to_in[axis].astype(np.float32)
+        pos = row[0] * i[:, None, None] + row[1] * j[None, :, None] + row[2] * k[None, None, :] + row[3]
+        inside &= (pos >= -0.5) & (pos <= in_shape[axis] - 0.5)
+    return inside
+
+
+@dataclass
+class Preprocessed:
+    """A volume on the model grid, ready for the encoder."""
+
+    image: np.ndarray  # float32 model grid, 0..1 inside the brain, 0 outside
+    brain: np.ndarray  # bool model grid
+    input_brain: np.ndarray  # bool input grid: brain voxels the model grid covers
+    mapping: GridMapping
+    coverage: float  # fraction of the input's brain voxels inside the model grid
+    stats: dict = field(default_factory=dict)
+
+
+def model_affine(config: PreprocessConfig, centre_ras: np.ndarray) -> np.ndarray:
+    """RAS-aligned affine of the model grid, centred on ``centre_ras``."""
+    axes = np.array(SLICE_AXES[config.slice_axis], dtype=float).T  # columns = model axes in RAS
+    direction = axes * np.asarray(config.spacing)[None, :]
+    affine = np.eye(4)
+    affine[:3, :3] = direction
+    affine[:3, 3] = centre_ras - direction @ ((np.asarray(config.shape) - 1) / 2.0)
+    return affine
+
+
+def foreground_mask(array: np.ndarray, background_fraction: float) -> np.ndarray:
+    """Voxels brighter than a small fraction of the robust maximum (skull-stripped background is ~0)."""
+    sample = array[::3, ::3, ::3]
+    positive = sample[sample > 0]
+    if positive.size == 0:
+        return np.zeros(array.shape, dtype=bool)
+    return array > background_fraction * float(np.percentile(positive, 99.0))
+
+
+def preprocess(
+    volume: Volume, config: PreprocessConfig, mask: np.ndarray | None = None, name: str = "input"
+) -> Preprocessed:
+    """Resample ``volume`` onto the model grid, find the brain and normalise intensities."""
+    data = volume.array
+    if mask is not None:
+        if mask.shape != data.shape:
+            raise VolumeError(f"{name}: mask shape {mask.shape} differs from the volume's {data.shape}")
+        input_mask = np.asarray(mask) > 0
+    else:
+        input_mask = foreground_mask(data, config.background_fraction)
+    brain_ml = float(input_mask.sum()) * volume.voxel_volume_ml
+    if brain_ml < config.min_brain_ml:
+        raise VolumeError(
+            f"{name}: only {brain_ml:.1f} mL of non-background voxels (need {config.min_brain_ml:g} mL); "
+            "give a skull-stripped brain MRI or a brain mask with --mask"
+        )
+    lo_all, hi_all = np.percentile(data[input_mask][::7], [1, 99])
+    if hi_all - lo_all <= 1e-6 * max(abs(hi_all), 1.0):
+        raise VolumeError(f"{name}: the brain region has constant intensity; this is not an MRI to analyse")
+
+    mapping = GridMapping(volume.affine, data.shape, model_affine(config, _mask_centre(input_mask, volume.affine)),
+                          config.shape)
+    image = mapping.to_model(data, order=1)
+    brain = mapping.to_model(input_mask, order=1) > 0.5
+    inside = _inside(np.linalg.inv(mapping.model_affine) @ mapping.input_affine, data.shape, config.shape)
+    input_brain = input_mask & inside
+    coverage = float(input_brain.sum() / max(int(input_mask.sum()), 1))
+
+    lo, hi = np.percentile(image[brain], config.clip_percentiles)
+    scale = max(float(hi - lo), 1e-6)
+    image = np.clip((image - lo) / scale, 0.0, 1.0).astype(np.float32)
+    image[~brain] = 0.0
+    return Preprocessed(image, brain, input_brain, mapping, coverage,
+                        {"brain_ml": round(brain_ml, 1), "intensity_range": [float(lo), float(hi)]})
+
+
+def _mask_centre(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Centre (RAS) of the bounding box of the mask's voxels, robust to a few stray voxels."""
+    index = np.argwhere(mask[::2, ::2, ::2]) * 2
+    ras = index @ affine[:3, :3].T + affine[:3, 3]
+    lo, hi = np.percentile(ras, [0.5, 99.5], axis=0)
+    return (lo + hi) / 2.0
