@@ -181,7 +181,8 @@ class SliceEncoder(nn.Module):
     def __init__(self, config: EncoderConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.config = config
-        self.backbone = backbone
+        # channels_last is markedly faster for these convolutions on CPU.
+        self.backbone = backbone.to(memory_format=torch.channels_last)
         channels = backbone.feature_info.channels()
         self.reduction = int(backbone.feature_info.reduction()[0])
         self.kept = [min(c, config.channels_per_tap) for c in channels]

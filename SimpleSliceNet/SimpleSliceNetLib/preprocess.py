@@ -61,6 +61,18 @@ class GridMapping:
     def to_input(self, array: np.ndarray, order: int = 1) -> np.ndarray:
         return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order)
 
+    def coarse(self, factor: int) -> GridMapping:
+        """The same mapping for a model grid ``factor`` times coarser (same field of view).
+
+        Smooth maps (the heatmap is Gaussian-filtered) lose nothing there and cost far less.
+        """
+        if any(n % factor for n in self.model_shape):
+            raise ValueError(f"model grid {self.model_shape} does not divide by {factor}")
+        scale = np.diag([factor, factor, factor, 1.0])
+        scale[:3, 3] = (factor - 1) / 2.0  # coarse voxel centres sit at the middle of each block
+        shape = tuple(n // factor for n in self.model_shape)
+        return GridMapping(self.input_affine, self.input_shape, self.model_affine @ scale, shape)
+
 
 def _resample(array: np.ndarray, out_to_in: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
     """Resample ``array`` onto a grid of ``shape`` whose voxel o sits at input index ``out_to_in @ o``.
