@@ -1,0 +1,1 @@
+"""SimpleSliceNet training tools: synthetic data, dataset loaders."""
