@@ -1,0 +1,198 @@
+"""The `simpleslicenet` command: detect, train, evaluate, synth, benchmark, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+from .progress import Progress
+from .volume_io import volume_stem
+
+OUTPUT_SUFFIXES = ("heatmap.nii.gz", "mask.nii.gz", "brainmask.nii.gz", "report.json", "overlay.png")
+
+
+def _add_detect(subparsers) -> None:
+    p = subparsers.add_parser("detect", help="find anomalies in volumes",
+                              description="Detect anomalies in NIfTI/NRRD volumes; writes heatmap, mask, report "
+                                          "and overlay per input.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="volumes (.nii, .nii.gz, .nrrd)")
+    p.add_argument("--output-dir", required=True, help="folder for the outputs (created if missing)")
+    p.add_argument("--model", help="model id or path to a model .json (default: the bundled model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threshold", type=float, help="heatmap threshold (default: the model's calibrated one)")
+    p.add_argument("--mask", action="append", default=[], metavar="FILE",
+                   help="brain mask on the input's grid (once per input, in order; default: non-zero voxels)")
+    p.add_argument("--min-lesion-ml", type=float, default=0.1, help="drop findings smaller than this (mL)")
+    p.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
+    p.set_defaults(func=run_detect)
+
+
+def run_detect(args: argparse.Namespace, progress: Progress) -> int:
+    from .detector import Detector
+    from .lesions import extract_lesions
+    from .report import build_report, render_overlay
+    from .volume_io import load_volume, save_volume
+
+    if args.mask and len(args.mask) != len(args.inputs):
+        raise UserError(f"--mask given {len(args.mask)} times for {len(args.inputs)} inputs; give one per input")
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --output-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress.emit("start", total=len(args.inputs))
+    detector = Detector.load(args.model, args.device)
+    if detector.device.note:
+        progress.info(detector.device.note)
+    threshold = detector.threshold if args.threshold is None else float(args.threshold)
+    seen: dict[str, str] = {}
+    ok = failed = 0
+    masks = args.mask or [None] * len(args.inputs)
+    for input_path, mask_path in progress.iterate(list(zip(args.inputs, masks, strict=True)), len(args.inputs),
+                                                  "detecting"):
+        stem = volume_stem(input_path)
+        try:
+            if stem in seen:
+                raise UserError(f"{input_path}: same file name stem '{stem}' as {seen[stem]}; outputs would collide")
+            seen[stem] = input_path
+            started = time.perf_counter()
+            volume = load_volume(input_path)
+            mask = load_volume(mask_path).array > 0 if mask_path else None
+            load_s = time.perf_counter() - started
+            result = detector.detect(volume, mask=mask, name=str(input_path))
+            labels, lesions = extract_lesions(result.heatmap, volume.affine, threshold, result.brain_mask,
+                                              args.min_lesion_ml)
+            timings = {"load_s": round(load_s, 3), **result.timings}
+            files = _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, threshold, detector,
+                                   timings, overlay=not args.no_overlay, save_volume=save_volume,
+                                   build_report=build_report, render_overlay=render_overlay)
+        except UserError as exc:
+            failed += 1
+            progress.emit("error", input=str(input_path), message=str(exc))
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        ok += 1
+        progress.emit("output", input=str(input_path), files=files, volume_score=result.volume_score,
+                      lesions=len(lesions))
+        if progress.mode != "json":
+            print(f"{input_path}: score {result.volume_score:.3f} (threshold {threshold:.3f}), "
+                  f"{len(lesions)} finding(s) -> {files['report']}", file=sys.stderr)
+    progress.emit("done", ok=ok, failed=failed, elapsed_s=round(progress.elapsed, 2))
+    if progress.mode != "json":
+        print(f"outputs in {out_dir.resolve()}", file=sys.stderr)
+    return 0 if failed == 0 else 1
+
+
+def _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, threshold, detector, timings, *,
+                   overlay, save_volume, build_report, render_overlay) -> dict:
+    """Write every output of one input into a scratch folder, then move them all into place."""
+    import numpy as np
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=out_dir))
+    try:
+        started = time.perf_counter()
+        files = {}
+        save_volume(scratch / f"{stem}_heatmap.nii.gz", result.heatmap.astype(np.float32), volume.affine)
+        save_volume(scratch / f"{stem}_mask.nii.gz", (labels > 0).astype(np.uint8), volume.affine)
+        save_volume(scratch / f"{stem}_brainmask.nii.gz", result.brain_mask.astype(np.uint8), volume.affine)
+        if overlay:
+            focus = lesions[0].centroid_ras if lesions else None
+            render_overlay(scratch / f"{stem}_overlay.png", volume.array, result.heatmap, labels > 0, volume.affine,
+                           threshold, focus, f"{stem}: score {result.volume_score:.2f}, {len(lesions)} finding(s)")
+        timings["write_s"] = round(time.perf_counter() - started, 3)
+        report = build_report(str(input_path), result, lesions, threshold, detector.info, detector.device.name,
+                              volume.affine, timings)
+        (scratch / f"{stem}_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for name in sorted(p.name for p in scratch.iterdir()):
+            target = out_dir / name
+            Path(scratch / name).replace(target)
+            files[name[len(stem) + 1 :].split(".")[0]] = str(target)
+        return files
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _add_models(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list bundled and user models, or import one")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--import", dest="import_path", metavar="MODEL_JSON",
+                   help="validate a model (.json beside its .safetensors) and copy it into the user model folder")
+    p.set_defaults(func=run_models)
+
+
+def run_models(args: argparse.Namespace, progress: Progress) -> int:
+    from .model_file import import_model, list_models
+    from .resources import bundled_models_dir, user_models_dir
+
+    if args.import_path:
+        path = import_model(args.import_path)
+        print(json.dumps({"imported": str(path)}) if args.json else f"imported: {path}")
+        return 0
+    models = [m.summary() for m in list_models()]
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    print(f"bundled models: {bundled_models_dir()}\nuser models:    {user_models_dir()}")
+    for m in models:
+        print(f"  {m['id']:<32} {m['method']:<15} {m['modality']:<5} v{m['version']:<8} {m['source']}")
+    if not models:
+        print("  (none)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simpleslicenet",
+                                     description="Unsupervised anomaly detection in 3D brain MRI (SimpleSliceNet).")
+    parser.add_argument("--version", action="version", version=f"simpleslicenet {__version__}")
+    parser.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                        help="progress display: bars (terminal), JSON lines (for programs) or none")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_detect(subparsers)
+    _add_models(subparsers)
+    for module in _training_modules():
+        module.add_parser(subparsers)
+    return parser
+
+
+def _training_modules() -> list:
+    """Commands from the training package (absent from a detection-only install)."""
+    import importlib
+
+    found = []
+    for name in ("train", "evaluate", "synth", "benchmark"):
+        try:
+            found.append(importlib.import_module(f"SimpleSliceNetTraining.{name}"))
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("SimpleSliceNetTraining"):
+                raise
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Accept --progress after the command too (the Slicer runner puts it last).
+    if "--progress" in argv[1:]:
+        i = argv.index("--progress")
+        if i + 1 < len(argv):
+            argv = [argv[i], argv[i + 1]] + argv[:i] + argv[i + 2 :]
+    args = build_parser().parse_args(argv)
+    progress = Progress(args.command, args.progress)
+    try:
+        return int(args.func(args, progress) or 0)
+    except UserError as exc:
+        progress.emit("error", message=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
