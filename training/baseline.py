@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
 from SimpleSliceNetLib.preprocess import foreground_mask
 from SimpleSliceNetLib.volume_io import Volume
 

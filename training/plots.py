@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
 from SimpleSliceNetLib.volume_io import atomic_path
 
 from .metrics import Curve
