@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from SimpleSliceNetLib import job_runner
 from SimpleSliceNetLib.job_runner import JobError, JobRunner, child_environment, cli_command, parse_event
 
@@ -21,7 +22,7 @@ def _script(tmp_path: Path, body: str) -> list[str]:
 
 def test_parse_event_accepts_only_event_objects():
     assert parse_event('{"event": "progress", "fraction": 0.5}') == {"event": "progress", "fraction": 0.5}
-    assert parse_event("  {\"event\": \"done\"}  ") == {"event": "done"}
+    assert parse_event('  {"event": "done"}  ') == {"event": "done"}
     assert parse_event("plain text") is None
     assert parse_event("{not json") is None
     assert parse_event('{"no_event": 1}') is None
