@@ -25,9 +25,9 @@ def plot_roc(curves: Mapping[str, Curve], path: str | Path, title: str = "Voxel-
     """ROC curves of several methods on one plot, with their AUROC in the legend."""
     figure, axes = _figure()
     for name, curve in curves.items():
+        if not (curve.n_pos and curve.n_neg):
+            continue  # undefined without both classes
         fpr, tpr = curve.roc()
-        if np.isnan(fpr).any() or np.isnan(tpr).any():
-            continue
         keep = _decimate(fpr, tpr)
         axes.plot(fpr[keep], tpr[keep], label=f"{name} (AUROC {curve.auroc():.3f})")
     axes.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
@@ -42,9 +42,9 @@ def plot_pr(
     figure, axes = _figure()
     prevalence = math.nan
     for name, curve in curves.items():
+        if not curve.n_pos:
+            continue  # undefined without lesion voxels
         recall, precision = curve.pr()
-        if np.isnan(recall).any():
-            continue
         keep = _decimate(recall, precision)
         axes.plot(recall[keep], precision[keep], label=f"{name} (AUPRC {curve.average_precision():.3f})")
         prevalence = curve.n_pos / (curve.n_pos + curve.n_neg)
