@@ -29,6 +29,7 @@ def plant_lesion(
     ``wm`` is the white-matter probability map on the same grid (it guides lesion placement).
     """
     image = volume.array.astype(np.float32, copy=True)
+    wm = wm.astype(np.float32, copy=True)  # the glioma's mass effect moves it; leave the caller's intact
     spacing = volume.spacing
     depth = _depth_mm(brain, spacing)
     if family == "glioma":

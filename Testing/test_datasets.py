@@ -1,0 +1,191 @@
+"""Dataset loaders: manifest, BraTS, IXI and plain folders; mask pairing and grid checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SimpleSliceNetLib.errors import UserError
+from SimpleSliceNetLib.volume_io import load_volume, save_volume
+from SimpleSliceNetTraining.datasets import load_cases, load_mask
+
+AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
+
+
+def _volume(path: Path, seed: int = 0, affine: np.ndarray = AFFINE, shape=(10, 10, 10), label: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    array = (rng.random(shape) > 0.7).astype(np.uint8) if label else rng.random(shape).astype(np.float32)
+    return save_volume(path, array, affine)
+
+
+def test_plain_folder_pairs_masks_and_labels(tmp_path):
+    _volume(tmp_path / "a.nii.gz")
+    _volume(tmp_path / "a_mask.nii.gz", label=True)
+    _volume(tmp_path / "b.nrrd")
+    _volume(tmp_path / "masks" / "b.nii.gz", label=True)
+    _volume(tmp_path / "c.nii")
+    _volume(tmp_path / "d.nii.gz")
+    _volume(tmp_path / "d_seg.nrrd", label=True)
+    _volume(tmp_path / "e.nii.gz")
+    _volume(tmp_path / "e_label.nii.gz", label=True)
+    (tmp_path / "notes.txt").write_text("not a volume")
+
+    cases = load_cases(tmp_path)
+    assert [c.id for c in cases] == ["a", "b", "c", "d", "e"]
+    by_id = {c.id: c for c in cases}
+    assert by_id["a"].mask == tmp_path / "a_mask.nii.gz"
+    assert by_id["b"].mask == tmp_path / "masks" / "b.nii.gz"
+    assert by_id["d"].mask == tmp_path / "d_seg.nrrd"
+    assert by_id["e"].mask == tmp_path / "e_label.nii.gz"
+    assert by_id["c"].mask is None and by_id["c"].label is None
+    assert {c.label for c in cases if c.mask is not None} == {"lesion"}
+    assert all(c.split is None and c.meta["layout"] == "folder" for c in cases)
+    assert load_cases(tmp_path, assume_healthy=True)[2].label == "healthy"
+    # One volume file on its own is a case too.
+    single = load_cases(tmp_path / "a.nii.gz")
+    assert len(single) == 1 and single[0].mask == tmp_path / "a_mask.nii.gz"
+
+
+def test_plain_folder_duplicate_names_are_an_error(tmp_path):
+    _volume(tmp_path / "a.nii.gz")
+    _volume(tmp_path / "a.nrrd")
+    with pytest.raises(UserError, match="two cases are named 'a'"):
+        load_cases(tmp_path)
+
+
+def _brats(root: Path, number: int, with_seg: bool = True) -> Path:
+    folder = root / f"BraTS2021_{number:05d}"
+    for i, token in enumerate(["t1", "t1ce", "t2", "flair"]):
+        _volume(folder / f"{folder.name}_{token}.nii.gz", seed=i)
+    if with_seg:
+        _volume(folder / f"{folder.name}_seg.nii.gz", label=True)
+    return folder
+
+
+def test_brats_layout_selects_contrast_and_seg(tmp_path):
+    _brats(tmp_path, 2)
+    first = _brats(tmp_path, 0)
+    _brats(tmp_path, 1, with_seg=False)
+    cases = load_cases(tmp_path, contrast="t2")
+    assert [c.id for c in cases] == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+    assert cases[0].image == first / "BraTS2021_00000_t2.nii.gz"
+    assert cases[0].mask == first / "BraTS2021_00000_seg.nii.gz"
+    assert cases[1].mask is None
+    assert all(c.label == "lesion" and c.meta["layout"] == "brats" for c in cases)
+    assert load_cases(tmp_path, contrast="FLAIR")[0].image.name == "BraTS2021_00000_flair.nii.gz"
+    # A single case folder works as well.
+    assert [c.id for c in load_cases(first, contrast="t1ce")] == ["BraTS2021_00000"]
+    with pytest.raises(UserError, match="no 'pd' images"):
+        load_cases(tmp_path, contrast="pd")
+
+
+def test_brats_missing_contrast_is_an_error(tmp_path):
+    folder = _brats(tmp_path, 3)
+    (folder / "BraTS2021_00003_flair.nii.gz").unlink()
+    with pytest.raises(UserError, match="no flair image"):
+        load_cases(tmp_path, contrast="flair")
+
+
+def test_brats_mask_is_seg_above_zero(tmp_path):
+    folder = _brats(tmp_path, 4)
+    seg = np.zeros((10, 10, 10), dtype=np.uint8)
+    seg[2:4, 2:4, 2:4] = 4
+    seg[5, 5, 5] = 1
+    save_volume(folder / "BraTS2021_00004_seg.nii.gz", seg, AFFINE)
+    case = load_cases(tmp_path)[0]
+    mask = load_mask(case, load_volume(case.image))
+    assert mask.dtype == bool and mask.sum() == 9
+
+
+def test_ixi_layout_is_healthy_and_selects_contrast(tmp_path):
+    _volume(tmp_path / "IXI002-Guys-0828-T1.nii.gz")
+    _volume(tmp_path / "IXI002-Guys-0828-T2.nii.gz")
+    _volume(tmp_path / "IXI012-HH-1211-T1.nii.gz")
+    _volume(tmp_path / "T2" / "IXI013-HH-1212-T2.nii.gz")
+    t1 = load_cases(tmp_path)
+    assert [c.id for c in t1] == ["IXI002-Guys-0828", "IXI012-HH-1211"]
+    assert all(c.label == "healthy" and c.mask is None and c.meta["layout"] == "ixi" for c in t1)
+    t2 = load_cases(tmp_path, contrast="t2")
+    assert [c.image.name for c in t2] == ["IXI002-Guys-0828-T2.nii.gz", "IXI013-HH-1212-T2.nii.gz"]
+    with pytest.raises(UserError, match="no PD images"):
+        load_cases(tmp_path, contrast="pd")
+
+
+def _manifest(root: Path) -> Path:
+    _volume(root / "train" / "h1.nii.gz")
+    _volume(root / "test" / "l1.nrrd")
+    _volume(root / "test" / "l1_mask.nrrd", label=True)
+    cases = [
+        {"id": "l1", "split": "test", "image": "test/l1.nrrd", "mask": "test/l1_mask.nrrd", "label": "lesion",
+         "family": "glioma", "contrast": "t1"},
+        {"id": "h1", "split": "train", "image": "train/h1.nii.gz", "mask": None, "label": "healthy",
+         "family": "healthy", "contrast": "t1"},
+    ]
+    path = root / "cases.json"
+    path.write_text(json.dumps({"format": "simpleslicenet-cases", "version": 1, "seed": 0, "cases": cases}))
+    return path
+
+
+def test_manifest_resolves_paths_and_filters_split(tmp_path):
+    path = _manifest(tmp_path)
+    cases = load_cases(tmp_path)
+    assert [c.id for c in cases] == ["h1", "l1"]
+    assert load_cases(path) == cases
+    lesion = load_cases(tmp_path, split="test")
+    assert len(lesion) == 1
+    assert lesion[0].image == tmp_path / "test" / "l1.nrrd" and lesion[0].mask == tmp_path / "test" / "l1_mask.nrrd"
+    assert lesion[0].meta["family"] == "glioma" and lesion[0].split == "test"
+    with pytest.raises(UserError, match="no cases with split val"):
+        load_cases(tmp_path, split="val")
+    with pytest.raises(UserError, match="contrast t2"):
+        load_cases(tmp_path, contrast="t2")
+
+
+def test_manifest_errors(tmp_path):
+    path = _manifest(tmp_path)
+    (tmp_path / "train" / "h1.nii.gz").unlink()
+    with pytest.raises(UserError, match="does not exist"):
+        load_cases(path)
+    path.write_text(json.dumps({"format": "something-else", "cases": []}))
+    with pytest.raises(UserError, match="not a SimpleSliceNet case list"):
+        load_cases(path)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="JSON"):
+        load_cases(path)
+
+
+def test_empty_or_missing_folder_says_what_was_looked_for(tmp_path):
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(UserError) as info:
+        load_cases(tmp_path)
+    message = str(info.value)
+    assert "cases.json" in message and "BraTS" in message and "IXI" in message and ".nrrd" in message
+    assert "\n" not in message
+    with pytest.raises(UserError, match="not found"):
+        load_cases(tmp_path / "nope")
+    with pytest.raises(UserError, match="unknown contrast"):
+        load_cases(tmp_path, contrast="dwi")
+
+
+def test_load_mask_checks_the_grid(tmp_path):
+    _volume(tmp_path / "a.nii.gz")
+    _volume(tmp_path / "a_mask.nii.gz", label=True, shape=(10, 10, 12))
+    _volume(tmp_path / "b.nii.gz")
+    shifted = AFFINE.copy()
+    shifted[:3, 3] = [0.0, 0.5, 0.0]
+    _volume(tmp_path / "b_mask.nii.gz", label=True, affine=shifted)
+    _volume(tmp_path / "c.nii.gz")
+    _volume(tmp_path / "c_mask.nrrd", label=True)
+    _volume(tmp_path / "d.nii.gz")
+    cases = {c.id: c for c in load_cases(tmp_path)}
+    with pytest.raises(UserError, match="mask grid"):
+        load_mask(cases["a"], load_volume(cases["a"].image))
+    with pytest.raises(UserError, match="different positions"):
+        load_mask(cases["b"], load_volume(cases["b"].image))
+    mask = load_mask(cases["c"], load_volume(cases["c"].image))
+    assert mask.dtype == bool and mask.shape == (10, 10, 10) and 0 < mask.sum() < 1000
+    with pytest.raises(UserError, match="no mask"):
+        load_mask(cases["d"], load_volume(cases["d"].image))
