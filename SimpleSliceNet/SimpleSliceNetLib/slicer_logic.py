@@ -548,3 +548,62 @@ def lesion_rows(lesions: Sequence[Any]) -> list[list[str]]:
             [str(item["id"]), f"{item['volume_ml']:.2f}", f"{item['max_score']:.3f}", f"{r:.1f}, {a:.1f}, {s:.1f}"]
         )
     return rows
+
+
+def model_info_text(model: dict) -> str:
+    """One line for the panel: method, modality, training data and threshold of a listed model."""
+    parts = [str(model.get("method", "?")), str(model.get("modality", "?"))]
+    training = model.get("training") or {}
+    if training.get("train_volumes"):
+        parts.append(f"trained on {training['train_volumes']} volumes for {training.get('epochs_run', '?')} epochs")
+    auroc = (training.get("final") or {}).get("val_auroc")
+    if isinstance(auroc, (int, float)):
+        parts.append(f"validation AUROC {auroc:.3f}")
+    threshold = model.get("threshold")
+    parts.append(f"threshold {threshold:.3f}" if isinstance(threshold, (int, float)) else "no calibrated threshold")
+    parts.append(f"v{model.get('version', '?')} ({model.get('source', '?')})")
+    return ", ".join(parts)
+
+
+def metric_text(event: dict) -> str:
+    """A training metric event as the panel shows it."""
+    parts = [f"Epoch {event.get('epoch', '?')}"]
+    if isinstance(event.get("loss"), (int, float)):
+        parts.append(f"loss {event['loss']:.4f}")
+    if isinstance(event.get("val_auroc"), (int, float)):
+        parts.append(f"validation AUROC {event['val_auroc']:.3f}")
+    if isinstance(event.get("elapsed_s"), (int, float)):
+        parts.append(elapsed_text(event["elapsed_s"]))
+    return ", ".join(parts)
+
+
+def elapsed_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60}:{seconds % 60:02d} min"
+
+
+def plant_lesion(
+    array: np.ndarray, affine: np.ndarray, radius_mm: float = 9.0, contrast: float = 1.8, seed: int = 0
+) -> tuple[np.ndarray, list[float]]:
+    """A copy of a healthy brain ``array`` with a bright, soft-edged sphere inside the brain.
+
+    Returns the new array and the sphere's RAS centre. Used by the module's self-test (in Slicer)
+    and the tests here to check that detection finds what was planted.
+    """
+    from scipy import ndimage
+
+    brain = array > np.percentile(array[array > 0], 5) if np.any(array > 0) else np.ones(array.shape, bool)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # Deep enough inside the brain that the whole sphere is brain tissue.
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing)
+    candidates = np.argwhere(depth > radius_mm + 6.0)
+    if len(candidates) == 0:
+        raise ValueError("the volume has no brain region large enough to plant a lesion in")
+    centre = candidates[np.random.default_rng(seed).integers(len(candidates))]
+    grid = np.indices(array.shape, dtype=np.float32)
+    distance = np.sqrt(sum(((grid[axis] - centre[axis]) * spacing[axis]) ** 2 for axis in range(3)))
+    weight = np.clip((radius_mm - distance) / 2.0 + 0.5, 0.0, 1.0)  # 2 mm soft edge
+    bright = contrast * float(np.percentile(array[brain], 99))
+    planted = (array * (1.0 - weight) + bright * weight).astype(np.float32)
+    ras = affine @ np.append(centre.astype(float), 1.0)
+    return planted, [float(v) for v in ras[:3]]
