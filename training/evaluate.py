@@ -421,6 +421,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--data", required=True, help="cases.json manifest, BraTS/IXI folder or folder of volumes")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test; 'all' for every case)")
+    parser.add_argument("--contrast", default="t1", help="image to use in BraTS/IXI folders and manifests")
     parser.add_argument("--model", default=None, help="model name or .json/.safetensors path (default: bundled)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--output-dir", default="evaluation", type=Path, help="where to write the report")
@@ -437,7 +438,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from .baseline import IntensityBaseline
     from .datasets import load_cases
 
-    cases = load_cases(args.data, split=None if args.split == "all" else args.split)
+    cases = load_cases(args.data, split=None if args.split == "all" else args.split, contrast=args.contrast)
     if not cases:
         raise UserError(f"{args.data}: no cases in split '{args.split}'; check --data and --split")
     progress.emit("start", total=len(cases))
