@@ -169,8 +169,10 @@ def apply_appearance(volume: Volume, brain: np.ndarray, rng: np.random.Generator
 
 
 def add_rician_noise(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rician noise (2-5 % of the white-matter level) inside ``brain``; zero outside, as after skull stripping."""
-    sigma = rng.uniform(0.02, 0.05) * float(np.median(image[brain])) / 0.8 if brain.any() else 0.0
+    """Rician noise inside ``brain``, zero outside (as after skull stripping). ``image`` is in white-matter
+    units (WM ~ 1), so sigma = 2-5 % of WM; not measured from the image, so a lesion leaves the noise
+    of the rest of the brain unchanged."""
+    sigma = rng.uniform(0.02, 0.05)
     values = image[brain]
     noise = rng.standard_normal((2, values.size)).astype(np.float32) * sigma
     out = np.zeros_like(image, dtype=np.float32)
@@ -280,6 +282,8 @@ def render_case(spec: CaseSpec) -> tuple[Volume, np.ndarray | None, np.ndarray]:
     # Scanner-like units: white matter somewhere in 300-1200, integer-valued, never 0 inside the brain.
     image = np.round(image * rngs["scale"].uniform(300.0, 1200.0))
     image = np.where(brain, np.maximum(image, 1.0), 0.0).astype(np.float32)
+    if lesion_out is not None and not lesion_out.any():
+        raise RuntimeError(f"synthetic case {spec.id}: the lesion vanished on grid {spec.grid}")
     mask = lesion_out.astype(np.uint8) if lesion_out is not None else None
     return Volume(image, affine), mask, brain
 
