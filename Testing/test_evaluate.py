@@ -30,27 +30,29 @@ class Result:
     threshold: float
 
 
-def _brain() -> np.ndarray:
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), axis=-1)
-    centre = (np.array(SHAPE) - 1) / 2
-    return (((grid - centre) / (np.array(SHAPE) * 0.42)) ** 2).sum(-1) < 1
+def _brain(shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    centre = (np.array(shape) - 1) / 2
+    return (((grid - centre) / (np.array(shape) * 0.42)) ** 2).sum(-1) < 1
 
 
-def _blob(centre: tuple[int, int, int], radius: float) -> np.ndarray:
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), axis=-1)
+def _blob(centre: tuple[int, int, int], radius: float, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     return ((grid - np.array(centre)) ** 2).sum(-1) < radius**2
 
 
-def _write_cases(root: Path, n_lesion: int = 3, n_healthy: int = 2, broken: bool = True) -> list[Case]:
+def _write_cases(
+    root: Path, n_lesion: int = 3, n_healthy: int = 2, broken: bool = True, shape: tuple[int, int, int] = SHAPE
+) -> list[Case]:
     rng = np.random.default_rng(0)
-    brain = _brain()
+    brain = _brain(shape)
     cases = []
     for i in range(n_lesion + n_healthy):
-        image = np.where(brain, 100.0 + rng.normal(0, 4, SHAPE), 0.0).astype(np.float32)
+        image = np.where(brain, 100.0 + rng.normal(0, 4, shape), 0.0).astype(np.float32)
         mask_path = None
         family = None
         if i < n_lesion:
-            lesion = _blob((14 + 2 * i, 20, 12 + 3 * i), 3.5 + i) & brain
+            lesion = _blob((14 + 2 * i, 20, 12 + 3 * i), 3.5 + i, shape) & brain
             image[lesion] = 200.0 + rng.normal(0, 4, int(lesion.sum()))
             mask_path = save_volume(root / f"case{i}_seg.nii.gz", lesion.astype(np.uint8), AFFINE)
             family = "big" if i % 2 else "small"
@@ -207,3 +209,49 @@ def test_progress_events_for_failures(tmp_path: Path, capsys: pytest.CaptureFixt
     errors = [e for e in events if e["event"] == "error"]
     assert len(errors) == 1 and errors[0]["input"].endswith("broken.nii.gz")
     assert events[-1]["event"] == "progress" and events[-1]["fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_cli_evaluate_with_a_tiny_trained_model(tmp_path: Path) -> None:
+    """The real command line: train a tiny model on generated healthy volumes, then evaluate (~45 s)."""
+    import subprocess
+    import sys
+
+    # Big enough for the model's minimum brain volume (50 mL).
+    cases = _write_cases(tmp_path / "data", n_lesion=2, n_healthy=4, broken=True, shape=(48, 48, 40))
+    entries = [
+        {
+            "id": case.id,
+            "split": "train" if case.id in ("case4", "case5") else "test",
+            "image": case.image.name,
+            "mask": case.mask.name if case.mask else None,
+            "label": case.label,
+            "family": case.meta.get("family"),
+        }
+        for case in cases
+    ]
+    manifest = tmp_path / "data" / "cases.json"
+    manifest.write_text(json.dumps({"format": "simpleslicenet-cases", "version": 1, "cases": entries}))
+    command = [sys.executable, "-m", "SimpleSliceNetLib.cli", "--progress", "none"]
+    subprocess.run(
+        [*command, "train", "--train", str(manifest), "--name", "tiny", "--output-dir", str(tmp_path / "model"),
+         "--epochs", "1", "--encoder-weights", "none", "--shape", "32,32,24", "--blocks", "2", "--device", "cpu"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    out = tmp_path / "eval"
+    done = subprocess.run(
+        [*command[:-2], "evaluate", "--data", str(manifest), "--model", str(tmp_path / "model" / "tiny.json"),
+         "--output-dir", str(out), "--device", "cpu", "--progress", "json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr  # the broken case fails, the others are scored
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["event"] for e in events if e["event"] in ("start", "error", "output", "done")] == [
+        "start", "error", "output", "done"
+    ]  # fmt: skip
+    assert events[-1]["ok"] == 4 and events[-1]["failed"] == 1
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["methods"]) == ["SimpleSliceNet", "intensity baseline"]
+    assert saved["methods"]["SimpleSliceNet"]["info"]["id"] == "tiny"
+    assert saved["methods"]["SimpleSliceNet"]["summary"]["lesion_cases"] == 2
+    assert "| SimpleSliceNet |" in done.stderr and "| intensity baseline |" in done.stderr
