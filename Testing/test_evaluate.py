@@ -255,3 +255,14 @@ def test_cli_evaluate_with_a_tiny_trained_model(tmp_path: Path) -> None:
     assert saved["methods"]["SimpleSliceNet"]["info"]["id"] == "tiny"
     assert saved["methods"]["SimpleSliceNet"]["summary"]["lesion_cases"] == 2
     assert "| SimpleSliceNet |" in done.stderr and "| intensity baseline |" in done.stderr
+
+
+def test_scorer_with_maps_off_the_input_grid_is_a_bug(tmp_path: Path) -> None:
+    cases = _write_cases(tmp_path / "data", n_lesion=1, n_healthy=0, broken=False)
+
+    def cropping_scorer(volume: Volume, mask: np.ndarray | None) -> Result:
+        result = perfect_scorer(volume, mask)
+        return Result(result.heatmap[1:], result.brain_mask[1:], 1.0, 0.5)
+
+    with pytest.raises(ValueError, match="input grid"):
+        evaluate(cases, {"cropping": cropping_scorer}, tmp_path / "out", Progress("evaluate", "none"))

@@ -124,11 +124,13 @@ def evaluate(
                 print(f"error: skipped case {case.id}: {message}", file=sys.stderr, flush=True)
             continue
         for name, result in results.items():
+            if np.shape(result.heatmap) != volume.array.shape or np.shape(result.brain_mask) != volume.array.shape:
+                raise ValueError(f"scorer '{name}' returned maps of shape {np.shape(result.heatmap)} for {case.image} "
+                                 f"of shape {volume.array.shape}; maps must be on the input grid")
             _add_case(methods[name], case, volume, truth, result, seconds[name])
             if save_maps:
-                stem = re.sub(r"[^\w.-]", "_", str(case.id))
                 save_volume(
-                    output_dir / "maps" / _safe(name) / f"{stem}_heatmap.nii.gz",
+                    output_dir / "maps" / _safe(name) / f"{_safe(str(case.id))}_heatmap.nii.gz",
                     np.asarray(result.heatmap, dtype=np.float32),
                     volume.affine,
                 )
@@ -144,10 +146,8 @@ def evaluate(
         "methods": {
             name: {
                 "info": dict((method_info or {}).get(name, {})),
-                "summary": _summary(state.overall, state.overall, state),
-                "families": {
-                    family: _summary(group, state.overall, state) for family, group in sorted(state.families.items())
-                },
+                "summary": _summary(state.overall, state),
+                "families": {family: _summary(group, state) for family, group in sorted(state.families.items())},
                 "cases": state.overall.records,
             }
             for name, state in methods.items()
@@ -230,8 +230,9 @@ def _add_case(state: _Method, case: Any, volume: Volume, truth: _Truth, result: 
         group.records.append(record)
 
 
-def _summary(group: _Group, overall: _Group, state: _Method) -> dict:
-    """Set-level metrics of ``group``; a family group (not ``overall``) borrows the set's healthy cases."""
+def _summary(group: _Group, state: _Method) -> dict:
+    """Set-level metrics of ``group``; a family group borrows the healthy cases of the whole set."""
+    overall = state.overall
     slices, volumes = list(group.slices), list(group.volumes)
     if group is not overall:
         slices += [block for block in overall.slices if not block[2]]
