@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
+
 from SimpleSliceNetLib.errors import UserError
 
 # Zero margin kept around the brain bounding box, in voxels (1 mm).
