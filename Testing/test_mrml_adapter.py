@@ -138,8 +138,11 @@ def test_heatmap_style_fixed_window_colour_and_transparent_background(scene):
     assert not display.GetAutoWindowLevel()
     assert display.GetWindowLevelMin() == pytest.approx(0.0) and display.GetWindowLevelMax() == pytest.approx(1.0)
     assert display.GetApplyThreshold() and 0.0 < display.GetLowerThreshold() < 0.1
-    mrml.style_heatmap(node, heatmap * 3)  # scores beyond 1 (other methods) widen the window
+    mrml.style_heatmap(node, heatmap * 3)  # scores beyond 1 widen the window
     assert display.GetWindowLevelMax() == pytest.approx(2.4)
+    mrml.style_heatmap(node, heatmap * 3, threshold=1.5)  # with a threshold: fixed [0, 2 * threshold]
+    assert display.GetWindowLevelMin() == pytest.approx(0.0) and display.GetWindowLevelMax() == pytest.approx(3.0)
+    assert display.GetUpperThreshold() > 2.4  # the hottest voxels stay visible
     assert node.GetDisplayNode() is display
 
 

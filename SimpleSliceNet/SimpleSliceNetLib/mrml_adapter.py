@@ -205,23 +205,26 @@ def ensure_display_node(node: slicer.vtkMRMLVolumeNode) -> slicer.vtkMRMLVolumeD
     return display
 
 
-def heatmap_window(heatmap: np.ndarray) -> tuple[float, float]:
-    """Fixed display range: scores live in [0, 1]; wider maps (other methods) use their maximum."""
+def heatmap_window(heatmap: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
+    """Display range ``[0, 2 * threshold]``: the model's threshold sits mid-scale, so the same model
+    colours every case alike. Without a positive threshold: ``[0, max(1, heatmap max)]``."""
+    if threshold is not None and threshold > 0:
+        return 0.0, 2.0 * float(threshold)
     upper = float(np.max(heatmap)) if heatmap.size else 1.0
     return 0.0, max(1.0, upper)
 
 
-def style_heatmap(node: slicer.vtkMRMLScalarVolumeNode, heatmap: np.ndarray) -> None:
-    """Inferno colours, a fixed window (comparable across cases), transparent near-zero voxels."""
+def style_heatmap(node: slicer.vtkMRMLScalarVolumeNode, heatmap: np.ndarray, threshold: float | None = None) -> None:
+    """Inferno colours, a fixed window, and see-through voxels at or below 0 (background, normal tissue)."""
     display = ensure_display_node(node)
-    lower, upper = heatmap_window(heatmap)
+    lower, upper = heatmap_window(heatmap, threshold)
     was_modifying = display.StartModify()
     display.SetAndObserveColorNodeID(heatmap_color_node(node.GetScene()).GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(lower, upper)
     # Background and the least anomalous tissue stay see-through in the foreground layer.
     display.AutoThresholdOff()
-    display.SetThreshold(lower + 0.02 * (upper - lower), upper + 1.0)
+    display.SetThreshold(lower + 0.02 * (upper - lower), max(upper, float(np.max(heatmap, initial=upper))) + 1.0)
     display.ApplyThresholdOn()
     display.SetInterpolate(True)
     display.EndModify(was_modifying)

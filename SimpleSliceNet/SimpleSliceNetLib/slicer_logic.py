@@ -269,7 +269,7 @@ class AnomalyDetectionLogic:
             node.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
         mrml.update_node_from_array(heatmapNode, heatmap, affine)
         mrml.update_node_from_array(labelNode, labels, affine)
-        mrml.style_heatmap(heatmapNode, heatmap)
+        mrml.style_heatmap(heatmapNode, heatmap, float(report.get("threshold", usedThreshold)))
         mrml.style_label(labelNode)
         mrml.place_in_study(inputNode, [heatmapNode, labelNode])
         mrml.show_in_slice_views(inputNode, heatmapNode, labelNode)
@@ -304,11 +304,12 @@ class AnomalyDetectionLogic:
         if image is None:
             raise ValueError(f"'{heatmapNode.GetName()}' has no voxels; run detection first")
         if state is None or state.imageMTime != image.GetMTime():
-            # A heatmap loaded from a saved scene (or edited): the engine writes 0 outside the brain.
+            # A heatmap loaded from a saved scene (or edited): the engine writes exactly 0 outside
+            # the brain, while calibrated scores inside may be negative.
             heatmap = mrml.array_from_node(heatmapNode).astype(np.float32)
             state = _ThresholdState(
                 heatmap=heatmap,
-                brainMask=heatmap > 0,
+                brainMask=heatmap != 0,
                 affine=mrml.ijk_to_ras(heatmapNode),
                 imageMTime=image.GetMTime(),
             )
@@ -333,6 +334,10 @@ class AnomalyDetectionLogic:
             mrml.style_label(labelNode)
         state.lesions, state.threshold, state.minLesionVolumeMl = lesions, float(threshold), minLesionVolumeMl
         return lesions
+
+    def brainMask(self, heatmapNode: Any) -> np.ndarray:
+        """The brain mask (``[i, j, k]`` booleans) that thresholding is restricted to."""
+        return self._thresholdState(heatmapNode).brainMask.copy()
 
     def lesions(self, heatmapNode: Any) -> list:
         """The lesions of the last detection or threshold on ``heatmapNode``."""
@@ -456,9 +461,9 @@ class AnomalyDetectionLogic:
             raise
         args: list[Any] = ["train", "--train", source, "--name", name, "--device", device, "--progress", "json"]
         if validation:
-            args += ["--val", Path(validation)]
+            args += ["--val", Path(validation).expanduser().resolve()]
         if outputDir:
-            args += ["--output-dir", Path(outputDir)]
+            args += ["--output-dir", Path(outputDir).expanduser().resolve()]
         if epochs:
             args += ["--epochs", int(epochs)]
         if timeBudgetMin:
@@ -480,7 +485,7 @@ class AnomalyDetectionLogic:
 
     def _trainingSource(self, trainingVolumes: str | Path | Sequence[Any], workdir: Path) -> Path:
         if isinstance(trainingVolumes, (str, Path)):
-            source = Path(trainingVolumes)
+            source = Path(trainingVolumes).expanduser().resolve()  # the child runs in another folder
             if not source.exists():
                 raise ValueError(f"{source}: training data not found")
             return source
@@ -489,13 +494,12 @@ class AnomalyDetectionLogic:
             raise ValueError("select at least one training volume")
         from .volume_io import save_volume
 
-        paths = []
+        # A plain folder of volumes: the simplest source every training loader accepts.
+        folder = workdir / "training_volumes"
         for index, node in enumerate(nodes):
             array, affine = mrml.volume_from_node(node)
-            paths.append(save_volume(workdir / f"{index:03d}_{_safe_file_name(node.GetName())}.nii.gz", array, affine))
-        listFile = workdir / "training_volumes.txt"
-        listFile.write_text("".join(f"{p}\n" for p in paths))
-        return listFile
+            save_volume(folder / f"{index:03d}_{_safe_file_name(node.GetName())}.nii.gz", array, affine)
+        return folder
 
 
 def _output_files(result: JobResult, outputDir: Path, stem: str) -> dict[str, Path]:
@@ -592,7 +596,7 @@ def plant_lesion(
     """
     from scipy import ndimage
 
-    brain = array > np.percentile(array[array > 0], 5) if np.any(array > 0) else np.ones(array.shape, bool)
+    brain = array >= np.percentile(array[array > 0], 5) if np.any(array > 0) else np.ones(array.shape, bool)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     # Deep enough inside the brain that the whole sphere is brain tissue.
     depth = ndimage.distance_transform_edt(brain, sampling=spacing)
