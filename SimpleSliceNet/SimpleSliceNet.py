@@ -338,7 +338,7 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Detection failed:\n{error}")
             return
         p = self._parameterNode
-        maximum = max(1.0, float(result.heatmapNode.GetImageData().GetScalarRange()[1]))
+        maximum = max(1.0, 2.0 * result.threshold, float(result.heatmapNode.GetImageData().GetScalarRange()[1]))
         with slicer.util.NodeModify(p):
             p.heatmapVolume = result.heatmapNode
             p.labelVolume = result.labelNode
