@@ -74,7 +74,7 @@ def semi_push_pull_loss(logp_real, logp_fake, config: TrainConfig, with_spp: boo
     nll = -F.logsigmoid(logp_real)
     weight = (1.0 - torch.sigmoid(logp_real)).detach() ** config.focal_gamma
     loss = (weight * nll).sum() / weight.sum().clamp_min(1e-8)
-    parts = {"ml": float(loss)}
+    parts = {"ml": loss.item()}
     if with_spp:
         real = logp_real / config.spp_normalizer
         fake = logp_fake / config.spp_normalizer
@@ -85,7 +85,7 @@ def semi_push_pull_loss(logp_real, logp_fake, config: TrainConfig, with_spp: boo
         l_n = (b_n - low).mean() if low.numel() else real.new_zeros(())
         l_a = (high - b_a).mean() if high.numel() else real.new_zeros(())
         loss = loss + l_n + l_a
-        parts.update(pull=float(l_n), push=float(l_a))
+        parts.update(pull=l_n.item(), push=l_a.item())
     return loss, parts
 
 
@@ -264,7 +264,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
         net.flow.eval()
         metrics = validate(net, val_items) if val_items else {}
         epoch_seconds = time.perf_counter() - epoch_start
