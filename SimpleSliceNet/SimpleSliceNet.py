@@ -339,11 +339,10 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         maximum = max(1.0, 2.0 * result.threshold, float(result.heatmapNode.GetImageData().GetScalarRange()[1]))
-        with slicer.util.NodeModify(p):
-            p.heatmapVolume = result.heatmapNode
-            p.labelVolume = result.labelNode
-            self.ui.thresholdSliderWidget.maximum = maximum
-            p.threshold = result.threshold
+        p.heatmapVolume = result.heatmapNode
+        p.labelVolume = result.labelNode
+        self.ui.thresholdSliderWidget.maximum = maximum
+        p.threshold = result.threshold
         self.thresholdTimer.stop()  # the nodes already match this threshold
         mrml_adapter.set_foreground_opacity(slicer.mrmlScene, p.overlayOpacity)
         self.showLesions(result.lesions)
