@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .devices import autocast_dtype, choose_device
 from .errors import ModelFileError
