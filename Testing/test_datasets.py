@@ -189,3 +189,16 @@ def test_load_mask_checks_the_grid(tmp_path):
     assert mask.dtype == bool and mask.shape == (10, 10, 10) and 0 < mask.sum() < 1000
     with pytest.raises(UserError, match="no mask"):
         load_mask(cases["d"], load_volume(cases["d"].image))
+
+
+def test_text_list_of_volumes(tmp_path):
+    a = _volume(tmp_path / "scans" / "a.nii.gz")
+    b = _volume(tmp_path / "scans" / "b.nii.gz", seed=1)
+    listing = tmp_path / "train.txt"
+    listing.write_text(f"# healthy controls\nscans/{a.name}\n\n{b}\n")
+    cases = load_cases(listing, assume_healthy=True)
+    assert [c.id for c in cases] == ["a", "b"]
+    assert all(c.label == "healthy" and c.image.is_file() for c in cases)
+    listing.write_text("scans/a.nii.gz\nscans/missing.nii.gz\n")
+    with pytest.raises(UserError, match=r"train\.txt, line 2: scans/missing\.nii\.gz"):
+        load_cases(listing)

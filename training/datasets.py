@@ -77,8 +77,10 @@ def load_cases(
             cases = _from_manifest(path, split, contrast)
         elif is_volume_path(path):
             cases = [_plain_case(path, _find_mask(path), assume_healthy)]
+        elif path.suffix.lower() == ".txt":
+            cases = _from_list(path, assume_healthy)
         else:
-            raise UserError(f"{path}: not a cases.json manifest or a NIfTI/NRRD volume")
+            raise UserError(f"{path}: not a cases.json manifest, a .txt list of volumes or a NIfTI/NRRD volume")
     elif (path / MANIFEST_NAME).is_file():
         cases = _from_manifest(path / MANIFEST_NAME, split, contrast)
     elif brats_dirs := _brats_case_dirs(path):
@@ -115,6 +117,20 @@ def load_mask(case: Case, reference: Volume) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Layouts
 # ---------------------------------------------------------------------------------------------
+
+
+def _from_list(path: Path, assume_healthy: bool) -> list[Case]:
+    """A text file naming one volume per line (relative to the file; blank lines and # comments skipped)."""
+    cases = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        image = (path.parent / entry).expanduser()
+        if not image.is_file() or not is_volume_path(image):
+            raise UserError(f"{path}, line {number}: {entry} is not a NIfTI/NRRD volume file")
+        cases.append(_plain_case(image, _find_mask(image), assume_healthy))
+    return cases
 
 
 def _from_manifest(path: Path, split: str | None, contrast: str) -> list[Case]:
