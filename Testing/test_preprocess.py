@@ -1,0 +1,277 @@
+"""Model-grid mapping and its exact inverse on RAS, LPS, oblique and anisotropic inputs; brain mask,
+coverage, normalisation and the errors for volumes that are not brain MRI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BRAIN_AXES, BRAIN_CENTRE, grid_affine, phantom, rotation, world_coordinates
+from scipy import ndimage
+
+from SimpleSliceNetLib.errors import VolumeError
+from SimpleSliceNetLib.preprocess import GridMapping, PreprocessConfig, model_affine, preprocess
+from SimpleSliceNetLib.volume_io import Volume
+
+CONFIG = PreprocessConfig(shape=(64, 64, 48), spacing=(2.5, 2.5, 3.0))
+BLOBS = [((20.0, 10.0, 25.0), 1.0), ((-30.0, -22.0, 4.0), 1.0), ((6.0, -45.0, 31.0), 1.0), ((-8.0, 30.0, -10.0), 1.0)]
+SIGMA = 5.0
+
+# name -> (shape, affine): every grid covers the phantom's brain with some margin.
+GRIDS = {
+    "ras_1p5mm": ((100, 120, 90), grid_affine((100, 120, 90), (1.5, 1.5, 1.5), centre_ras=(2.0, -4.0, 11.0))),
+    "lps_aniso": ((140, 180, 52), grid_affine((140, 180, 52), (1.0, 1.0, 2.5), np.diag([-1.0, -1.0, 1.0]),
+                                              (-3.0, -6.0, 14.0))),
+    "oblique_aniso": ((150, 140, 50), grid_affine((150, 140, 50), (1.1, 1.3, 3.0), rotation((0.4, -0.3, 0.85), 13.0),
+                                                  (1.0, -5.0, 12.0))),
+    "permuted_sagittal": ((60, 150, 120), grid_affine((60, 150, 120), (2.5, 1.2, 1.1),
+                                                      np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float).T,
+                                                      (0.0, -5.0, 12.0))),
+}
+
+
+def blob_field(shape, affine) -> np.ndarray:
+    """Smooth Gaussian blobs (sigma 5 mm, peak 1) at the known RAS positions, sampled on a grid."""
+    ras = world_coordinates(shape, affine)
+    out = np.zeros(shape)
+    for centre, amplitude in BLOBS:
+        out += amplitude * np.exp(-((ras - np.asarray(centre)) ** 2).sum(-1) / (2 * SIGMA**2))
+    return out.astype(np.float32)
+
+
+def blob_centres(field: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World position of each blob in ``field``: intensity-weighted centroid within 9 mm of the known centre."""
+    ras = world_coordinates(field.shape, affine)
+    found = []
+    for centre, _ in BLOBS:
+        near = ((ras - np.asarray(centre)) ** 2).sum(-1) < 9.0**2
+        weight = np.clip(field[near], 0, None) ** 2
+        assert weight.sum() > 0, f"no signal near {centre}"
+        found.append((ras[near] * weight[:, None]).sum(0) / weight.sum())
+    return np.array(found)
+
+
+def mapping_for(grid: str, config: PreprocessConfig = CONFIG) -> GridMapping:
+    shape, affine = GRIDS[grid]
+    return GridMapping(affine, shape, model_affine(config, BRAIN_CENTRE), config.shape)
+
+
+def true_centres() -> np.ndarray:
+    return np.array([c for c, _ in BLOBS])
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_to_model_puts_world_points_at_the_same_world_points(grid):
+    mapping = mapping_for(grid)
+    on_model = mapping.to_model(blob_field(mapping.input_shape, mapping.input_affine))
+    assert on_model.shape == CONFIG.shape
+    expected = blob_field(CONFIG.shape, mapping.model_affine)
+    np.testing.assert_allclose(on_model, expected, atol=0.06)
+    np.testing.assert_allclose(blob_centres(on_model, mapping.model_affine), true_centres(), atol=0.5)
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_to_input_is_the_inverse_mapping(grid):
+    mapping = mapping_for(grid)
+    truth = blob_field(mapping.input_shape, mapping.input_affine)
+    back = mapping.to_input(blob_field(CONFIG.shape, mapping.model_affine))
+    assert back.shape == mapping.input_shape
+    np.testing.assert_allclose(back, truth, atol=0.1)  # linear interpolation of 3 mm samples
+    round_trip = mapping.to_input(mapping.to_model(truth))
+    np.testing.assert_allclose(blob_centres(round_trip, mapping.input_affine), true_centres(), atol=0.75)
+    # Blobs are blurred by two linear interpolations, never moved or flipped.
+    assert np.corrcoef(round_trip.ravel(), truth.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize("slice_axis", ["axial", "coronal", "sagittal"])
+def test_slice_axes_round_trip_and_model_axes(slice_axis):
+    config = PreprocessConfig(shape=(64, 56, 48), spacing=(2.5, 2.6, 3.0), slice_axis=slice_axis)
+    affine = model_affine(config, BRAIN_CENTRE)
+    slice_direction = {"axial": 2, "coronal": 1, "sagittal": 0}[slice_axis]
+    # The third model axis runs along the chosen anatomical axis with the slice spacing.
+    np.testing.assert_allclose(np.abs(affine[:3, 2]), 3.0 * np.eye(3)[slice_direction])
+    # The grid is centred on the requested point.
+    np.testing.assert_allclose(affine @ np.append((np.array(config.shape) - 1) / 2, 1)[:4], [*BRAIN_CENTRE, 1])
+    mapping = mapping_for("oblique_aniso", config)
+    truth = blob_field(mapping.input_shape, mapping.input_affine)
+    on_model = mapping.to_model(truth)
+    np.testing.assert_allclose(blob_centres(on_model, mapping.model_affine), true_centres(), atol=0.5)
+    np.testing.assert_allclose(blob_centres(mapping.to_input(on_model), mapping.input_affine), true_centres(),
+                               atol=0.75)
+
+
+def test_coarse_mapping_voxels_are_block_centres_and_map_back_exactly():
+    mapping = mapping_for("lps_aniso")
+    coarse = mapping.coarse(2)
+    assert coarse.model_shape == (32, 32, 24)
+    assert coarse.input_shape == mapping.input_shape
+    np.testing.assert_array_equal(coarse.input_affine, mapping.input_affine)
+    fine = world_coordinates(mapping.model_shape, mapping.model_affine)
+    block_means = fine.reshape(32, 2, 32, 2, 24, 2, 3).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(world_coordinates(coarse.model_shape, coarse.model_affine), block_means, atol=1e-9)
+    # A map computed on the coarse grid lands on the input grid at the right world positions.
+    back = coarse.to_input(blob_field(coarse.model_shape, coarse.model_affine))
+    np.testing.assert_allclose(blob_centres(back, mapping.input_affine), true_centres(), atol=1.0)
+    truth = blob_field(mapping.input_shape, mapping.input_affine)
+    assert np.corrcoef(back.ravel(), truth.ravel())[0, 1] > 0.97  # 5-6 mm samples of 5 mm blobs: blurred, not moved
+    with pytest.raises(ValueError):
+        mapping.coarse(5)
+
+
+def test_points_outside_the_input_read_as_zero():
+    shape, affine = (30, 30, 30), grid_affine((30, 30, 30), (1.0, 1.0, 1.0), centre_ras=(60.0, 0.0, 0.0))
+    mapping = GridMapping(affine, shape, model_affine(CONFIG, np.zeros(3)), CONFIG.shape)
+    on_model = mapping.to_model(np.ones(shape, np.float32))
+    ras = world_coordinates(CONFIG.shape, mapping.model_affine)
+    far = np.abs(ras - np.array([60.0, 0.0, 0.0])).max(-1) > 16.0
+    assert np.all(on_model[far] == 0.0)
+    assert on_model.max() == pytest.approx(1.0)
+
+
+# --- preprocess(): brain mask, coverage, normalisation -----------------------------------------
+
+
+def _phantom_volume(grid: str, scale: float = 1.0) -> Volume:
+    shape, affine = GRIDS[grid]
+    return Volume(phantom(shape, affine) * np.float32(scale), affine)
+
+
+def _ellipsoid(shape, affine, shrink: float = 1.0) -> np.ndarray:
+    rel = (world_coordinates(shape, affine) - BRAIN_CENTRE) / (BRAIN_AXES * shrink)
+    return (rel**2).sum(-1) <= 1.0
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_preprocess_finds_the_brain_and_keeps_the_input_grid(grid):
+    volume = _phantom_volume(grid)
+    pre = preprocess(volume, CONFIG, name=grid)
+    assert pre.image.shape == CONFIG.shape and pre.image.dtype == np.float32
+    assert pre.input_brain.shape == volume.array.shape
+    np.testing.assert_array_equal(pre.mapping.input_affine, volume.affine)
+    assert pre.mapping.input_shape == volume.array.shape
+    # Every brain voxel of the input is covered by the model grid.
+    np.testing.assert_array_equal(pre.input_brain, volume.array > 0)
+    assert pre.coverage == 1.0
+    # The model grid is centred on the brain and its brain mask is the same ellipsoid in world space.
+    centre = pre.mapping.model_affine @ np.append((np.array(CONFIG.shape) - 1) / 2, 1.0)
+    np.testing.assert_allclose(centre[:3], BRAIN_CENTRE, atol=3.0)
+    expected = _ellipsoid(CONFIG.shape, pre.mapping.model_affine)
+    dice = 2 * (pre.brain & expected).sum() / (pre.brain.sum() + expected.sum())
+    assert dice > 0.97
+    # Normalised to 0..1 inside the brain, exactly 0 outside.
+    assert pre.image.min() >= 0.0 and pre.image.max() <= 1.0
+    assert np.all(pre.image[~pre.brain] == 0.0)
+    inside = pre.image[pre.brain]
+    assert (inside == 1.0).mean() < 0.02 and inside.std() > 0.1
+    assert pre.stats["brain_ml"] == pytest.approx(4 / 3 * np.pi * np.prod(BRAIN_AXES) / 1000, rel=0.05)
+
+
+def test_same_world_content_on_ras_and_lps_grids_gives_the_same_model_image():
+    shape, spacing = (110, 130, 50), (1.3, 1.3, 2.6)
+    ras_affine = grid_affine(shape, spacing, centre_ras=(1.0, -3.0, 10.0))
+    # The LPS grid holds the very same voxel centres, with i and j reversed.
+    lps_affine = ras_affine @ np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    ras = Volume(phantom(shape, ras_affine), ras_affine)
+    lps = Volume(phantom(shape, lps_affine), lps_affine)
+    np.testing.assert_array_equal(lps.array, ras.array[::-1, ::-1, :])
+    a, b = preprocess(ras, CONFIG), preprocess(lps, CONFIG)
+    # Both model grids are RAS-aligned and centred on the brain (within a voxel of each other).
+    np.testing.assert_allclose(a.mapping.model_affine[:3, :3], b.mapping.model_affine[:3, :3])
+    np.testing.assert_allclose(a.mapping.model_affine[:3, 3], b.mapping.model_affine[:3, 3], atol=3.0)
+    np.testing.assert_array_equal(b.input_brain, a.input_brain[::-1, ::-1, :])
+    # Read b's model image at a's model voxels: the same anatomy, the same normalised intensities.
+    b_on_a = GridMapping(b.mapping.model_affine, CONFIG.shape, a.mapping.model_affine, CONFIG.shape).to_model(b.image)
+    interior = ndimage.binary_erosion(a.brain, iterations=2)
+    np.testing.assert_allclose(b_on_a[interior], a.image[interior], atol=0.03)
+
+
+def test_normalisation_ignores_the_intensity_scale():
+    a = preprocess(_phantom_volume("ras_1p5mm"), CONFIG)
+    b = preprocess(_phantom_volume("ras_1p5mm", scale=7.3), CONFIG)
+    np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+
+
+def test_partial_field_of_view_reports_coverage():
+    config = PreprocessConfig(shape=(40, 40, 24), spacing=(2.0, 2.0, 3.0))  # 80 x 80 x 72 mm: smaller than the brain
+    shape, affine = GRIDS["ras_1p5mm"]
+    volume = _phantom_volume("ras_1p5mm")
+    pre = preprocess(volume, config)
+    brain = volume.array > 0
+    # Brain voxels within the model grid's box (half a model voxel beyond the outer centres).
+    points = np.c_[world_coordinates(shape, affine)[brain], np.ones(brain.sum())]
+    index = np.linalg.inv(pre.mapping.model_affine) @ points.T
+    inside = np.all((index[:3] >= -0.5) & (index[:3] <= np.array(config.shape)[:, None] - 0.5), axis=0)
+    assert 0.2 < pre.coverage < 0.9
+    assert pre.coverage == pytest.approx(inside.mean(), abs=0.01)
+    assert pre.input_brain.sum() == pytest.approx(inside.sum(), rel=0.02)
+    assert not np.any(pre.input_brain & ~brain)
+
+
+def test_given_mask_replaces_the_non_zero_voxels():
+    shape, affine = GRIDS["oblique_aniso"]
+    volume = _phantom_volume("oblique_aniso")
+    mask = _ellipsoid(shape, affine, shrink=0.6)
+    pre = preprocess(volume, CONFIG, mask=mask.astype(np.uint8))
+    np.testing.assert_array_equal(pre.input_brain, mask)
+    expected = _ellipsoid(CONFIG.shape, pre.mapping.model_affine, shrink=0.6)
+    dice = 2 * (pre.brain & expected).sum() / (pre.brain.sum() + expected.sum())
+    assert dice > 0.95
+    assert np.all(pre.image[~pre.brain] == 0.0)
+
+
+def test_mask_of_another_shape_is_refused():
+    volume = _phantom_volume("ras_1p5mm")
+    with pytest.raises(VolumeError) as exc:
+        preprocess(volume, CONFIG, mask=np.ones((10, 10, 10)), name="case.nii.gz")
+    assert "case.nii.gz" in str(exc.value) and "mask" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", [0.0, 250.0])
+def test_constant_volume_is_refused(value):
+    shape, affine = GRIDS["ras_1p5mm"]
+    volume = Volume(np.full(shape, value, np.float32), affine)
+    with pytest.raises(VolumeError) as exc:
+        preprocess(volume, CONFIG, name="flat.nii.gz")
+    message = str(exc.value)
+    assert "flat.nii.gz" in message and "\n" not in message
+    assert ("constant" in message) if value else ("mL" in message)
+
+
+def test_constant_brain_with_zero_background_is_refused():
+    shape, affine = GRIDS["lps_aniso"]
+    volume = Volume((phantom(shape, affine) > 0).astype(np.float32) * 300, affine)
+    with pytest.raises(VolumeError, match="constant"):
+        preprocess(volume, CONFIG, name="flat.nii.gz")
+
+
+def test_too_little_brain_is_refused():
+    shape, affine = (40, 40, 40), grid_affine((40, 40, 40), (1.0, 1.0, 1.0))
+    array = np.zeros(shape, np.float32)
+    array[15:25, 15:25, 15:25] = np.random.default_rng(0).uniform(100, 200, (10, 10, 10))  # 1 mL
+    with pytest.raises(VolumeError) as exc:
+        preprocess(Volume(array, affine), CONFIG, name="speck.nii.gz")
+    assert "speck.nii.gz" in str(exc.value) and "--mask" in str(exc.value)
+
+
+def test_config_validation_and_serialisation():
+    with pytest.raises(ValueError):
+        PreprocessConfig(slice_axis="oblique")
+    config = PreprocessConfig(shape=[64, 64, 48], spacing=[2, 2, 3])
+    assert config.shape == (64, 64, 48) and config.spacing == (2.0, 2.0, 3.0)
+    assert PreprocessConfig(**config.to_dict()) == config
+
+
+def test_detection_outputs_share_the_input_grid(tiny_model):
+    """Detector.detect on an oblique anisotropic phantom: heatmap and brain mask on the input's grid."""
+    from SimpleSliceNetLib.detector import Detector
+
+    detector = Detector.load(str(tiny_model.json), "cpu")
+    shape, affine = GRIDS["oblique_aniso"]
+    volume = Volume(phantom(shape, affine), affine)
+    result = detector.detect(volume, name="phantom")
+    assert result.heatmap.shape == shape and result.heatmap.dtype == np.float32
+    assert result.brain_mask.shape == shape
+    np.testing.assert_array_equal(result.brain_mask, volume.array > 0)
+    assert np.isfinite(result.heatmap).all()
+    assert np.all(result.heatmap[~result.brain_mask] == 0.0)
+    assert result.volume_score == pytest.approx(float(result.heatmap[result.brain_mask].max()))
+    assert result.coverage == 1.0
