@@ -142,7 +142,7 @@ def make_anatomy(template: Template, rng: np.random.Generator, with_tissue: bool
             + inverse[row, 2] * axes[2][None, None, :]
             + centre[row]
         )
-        coords[row] += rng.uniform(1.0, 2.0) * _smooth_field(shape, 12, rng)
+        coords[row] += rng.uniform(2.0, 4.0) * _smooth_field(shape, 12, rng)
     t1 = ndi.map_coordinates(template.t1, coords, order=1, cval=0.0)
     brain = ndi.map_coordinates(template.brain.astype(np.float32), coords, order=1, cval=0.0) > 0.5
     wm = ndi.map_coordinates(template.wm, coords, order=1, cval=0.0) * brain if with_tissue else None
@@ -150,9 +150,25 @@ def make_anatomy(template: Template, rng: np.random.Generator, with_tissue: bool
     return Subject(Volume(t1.astype(np.float32), template.affine.copy()), brain, wm, template.name)
 
 
-def apply_appearance(volume: Volume, brain: np.ndarray, rng: np.random.Generator) -> Volume:
-    """Random gamma (contrast) and a smooth multiplicative bias field (about +-10-25 %)."""
-    image = np.power(volume.array, rng.uniform(0.75, 1.3), dtype=np.float32)
+def apply_appearance(
+    volume: Volume, brain: np.ndarray, rng: np.random.Generator, wm: np.ndarray | None = None
+) -> Volume:
+    """Random grey/white contrast, sharpness, gamma and a smooth multiplicative bias field (+-10-25 %).
+
+    Templates are averages of many brains (smooth, one contrast); varying sharpness and the
+    grey/white ratio widens "healthy" beyond the two training templates, as scanners and
+    sequences do, so an unseen brain is not flagged as a whole.
+    """
+    image = volume.array.astype(np.float32)
+    if wm is not None:
+        image = image * (1.0 + rng.uniform(-0.08, 0.12) * wm)
+    blurred = ndi.gaussian_filter(image, 1.0)
+    sharpness = rng.uniform(-1.0, 1.0)
+    if sharpness < 0:
+        image = ndi.gaussian_filter(image, -sharpness)
+    else:
+        image = np.clip(image + 0.8 * sharpness * (image - blurred), 0.0, None)
+    image = np.power(image, rng.uniform(0.75, 1.3), dtype=np.float32)
     # Cubic polynomial in normalised coordinates: smooth over the head like a real coil bias.
     grids = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in image.shape]
     log_bias = np.zeros(image.shape, dtype=np.float32)
@@ -271,11 +287,11 @@ def render_case(spec: CaseSpec) -> tuple[Volume, np.ndarray | None, np.ndarray]:
     if spec.family not in FAMILIES:
         raise UserError(f"unknown family '{spec.family}'; choose one of {', '.join(FAMILIES)}")
     rngs = _streams(spec.entropy)
-    subject = make_anatomy(load_template(spec.template), rngs["anatomy"], with_tissue=spec.family != "healthy")
+    subject = make_anatomy(load_template(spec.template), rngs["anatomy"])
     volume, lesion = subject.volume, None
     if spec.family != "healthy":
         volume, lesion = plant_lesion(volume, subject.brain, subject.wm, spec.family, rngs["lesion"])
-    volume = apply_appearance(volume, subject.brain, rngs["appearance"])
+    volume = apply_appearance(volume, subject.brain, rngs["appearance"], subject.wm)
     affine, shape = make_grid(spec.grid, spec.orientation, subject, rngs["grid"])
     image, brain, lesion_out = resample_to_grid(volume, subject.brain, lesion, affine, shape)
     image = add_rician_noise(image, brain, rngs["noise"])
@@ -292,8 +308,8 @@ def make_healthy_subject(template: Template | str, rng: np.random.Generator) -> 
     """A healthy subject on the template's 1 mm RAS grid (anatomy, appearance, noise) and its brain mask."""
     if isinstance(template, str):
         template = load_template(template)
-    subject = make_anatomy(template, rng, with_tissue=False)
-    volume = apply_appearance(subject.volume, subject.brain, rng)
+    subject = make_anatomy(template, rng)
+    volume = apply_appearance(subject.volume, subject.brain, rng, subject.wm)
     return Volume(add_rician_noise(volume.array, subject.brain, rng), volume.affine), subject.brain
 
 

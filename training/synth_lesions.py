@@ -129,9 +129,9 @@ def _glioma(image, brain, wm, depth, spacing, rng) -> np.ndarray:
     w_oedema, whole = _region(rho_oedema, r_whole, box, centre, brain)
     w_core, _ = _region(rho_core, r_core, box, centre, brain)
     w_necrosis, _ = _region(rho_core / necrosis_fraction, r_core * necrosis_fraction, box, centre, brain)
-    _blend(image, box, w_oedema, image[box] * rng.uniform(0.62, 0.78))
+    _blend(image, box, w_oedema, image[box] * rng.uniform(0.5, 0.65))
     _blend(image, box, w_core, rng.uniform(0.62, 0.82) * (1.0 + 0.08 * _smooth_noise(shape, 1.5, rng)))
-    _blend(image, box, w_necrosis, rng.uniform(0.28, 0.42) * (1.0 + 0.04 * _smooth_noise(shape, 2.0, rng)))
+    _blend(image, box, w_necrosis, rng.uniform(0.15, 0.3) * (1.0 + 0.04 * _smooth_noise(shape, 2.0, rng)))
 
     mask = np.zeros(image.shape, dtype=bool)
     mask[box] = whole
@@ -164,7 +164,7 @@ def _wm_lesions(image, brain, wm, depth, spacing, rng) -> np.ndarray:
     mask = np.zeros(image.shape, dtype=bool)
     candidates = (wm > 0.9) & (depth >= 8.0)
     for _ in range(int(rng.integers(3, 9))):
-        radius = rng.uniform(3.0, 7.0)
+        radius = rng.uniform(4.0, 8.0)
         centre = _pick_centre(candidates, brain & (depth >= 8.0), rng)
         box = _box(centre, 1.6 * radius + 2.0, spacing, image.shape)
         axes = rng.uniform(0.75, 1.3, 3)
@@ -172,7 +172,7 @@ def _wm_lesions(image, brain, wm, depth, spacing, rng) -> np.ndarray:
         dist = np.sqrt((dx / axes[0]) ** 2 + (dy / axes[1]) ** 2 + (dz / axes[2]) ** 2)
         shape = 1.0 + 0.15 * _smooth_noise(dist.shape, 1.5, rng)
         weight, region = _region(dist / (radius * np.clip(shape, 0.6, 1.4)), radius, box, centre, brain)
-        _blend(image, box, weight, rng.uniform(0.45, 0.68))
+        _blend(image, box, weight, rng.uniform(0.3, 0.5))
         mask[box] |= region
     return mask
 
