@@ -123,6 +123,8 @@ def _add_models(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--import", dest="import_path", metavar="MODEL_JSON",
                    help="validate a model (.json beside its .safetensors) and copy it into the user model folder")
+    p.add_argument("--download", metavar="ID", help="download a model listed in the registry (needs internet)")
+    p.add_argument("--registry", help="registry JSON to use with --download (default: the bundled one)")
     p.set_defaults(func=run_models)
 
 
@@ -133,6 +135,12 @@ def run_models(args: argparse.Namespace, progress: Progress) -> int:
     if args.import_path:
         path = import_model(args.import_path)
         print(json.dumps({"imported": str(path)}) if args.json else f"imported: {path}")
+        return 0
+    if args.download:
+        from .model_registry import download_model
+
+        path = download_model(args.download, args.registry)
+        print(json.dumps({"downloaded": str(path)}) if args.json else f"downloaded: {path}")
         return 0
     models = [m.summary() for m in list_models()]
     if args.json:
