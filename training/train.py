@@ -123,14 +123,14 @@ def _heatmap(net, item: VolumeItem) -> np.ndarray:
     return heat
 
 
-def validate(net, items: list[VolumeItem]) -> dict:
+def validate(net, items: list[VolumeItem], heatmap=_heatmap) -> dict:
     from .metrics import case_voxel_metrics
 
     aurocs, auprcs, dices = [], [], []
     for item in items:
         if item.lesion is None or not item.lesion.any():
             continue
-        m = case_voxel_metrics(_heatmap(net, item), item.lesion, item.pre.input_brain)
+        m = case_voxel_metrics(heatmap(net, item), item.lesion, item.pre.input_brain)
         aurocs.append(m.auroc)
         auprcs.append(m.auprc)
         dices.append(m.max_dice)
@@ -143,11 +143,14 @@ def validate(net, items: list[VolumeItem]) -> dict:
     }
 
 
-def calibrate(net, items: list[VolumeItem], fpr: float) -> dict:
-    """Heatmap offset/scale so healthy tissue sits near 0 and the ``1 - fpr`` quantile at 1."""
+def calibrate(net, items: list[VolumeItem], fpr: float, heatmap=_heatmap) -> dict:
+    """Heatmap offset/scale so healthy tissue sits near 0 and the ``1 - fpr`` quantile at 1.
+
+    ``heatmap(net, item)`` gives a volume's map (any method whose net has ``config.scoring``).
+    """
     scoring = net.config.scoring
     scoring.offset, scoring.scale = 0.0, 1.0
-    values = np.concatenate([_heatmap(net, item)[item.pre.input_brain] for item in items])
+    values = np.concatenate([heatmap(net, item)[item.pre.input_brain] for item in items])
     median = float(np.median(values))
     cut = float(np.quantile(values, 1.0 - fpr))
     scoring.offset = median
@@ -363,8 +366,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--channels-per-tap", type=int, default=64)
     p.add_argument("--encoder-weights", default="imagenet",
                    help="imagenet (offline package), timm (download: online only), none, or a weights file")
-    p.add_argument("--shape", default="192,192,96", help="model grid: in-plane rows, columns, slices")
-    p.add_argument("--spacing", default="1,1,1.5", help="model grid spacing in mm")
+    p.add_argument("--shape", help="model grid: in-plane rows, columns, slices (default 192,192,96; u2ad 128,128,64)")
+    p.add_argument("--spacing", help="model grid spacing in mm (default 1,1,1.5; u2ad 1.5,1.5,2.4)")
     p.add_argument("--slice-axis", default="axial", choices=["axial", "coronal", "sagittal"])
     p.add_argument("--group", type=int, default=3, help="consecutive slices averaged into one slab")
     p.add_argument("--blocks", type=int, default=8, help="flow blocks")
@@ -372,6 +375,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--description", default="")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
+    p.add_argument("--method", default="simpleslicenet", choices=["simpleslicenet", "u2ad"])
+    from . import train_u2ad  # imported here: it builds on this module
+
+    train_u2ad.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -390,6 +397,10 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
+    if args.method == "u2ad":
+        from . import train_u2ad
+
+        return train_u2ad.run(args, progress)
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
@@ -403,7 +414,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if not train_cases:
         raise UserError(f"{args.train}: no healthy training volumes found")
     val_cases = load_cases(args.val, split=args.val_split) if args.val else []
-    shape, spacing = _ints(args.shape, "shape"), _floats(args.spacing, "spacing")
+    shape, spacing = _ints(args.shape or "192,192,96", "shape"), _floats(args.spacing or "1,1,1.5", "spacing")
     if len(shape) != 3 or len(spacing) != 3:
         raise UserError("--shape and --spacing take three values each")
     config = SliceNetConfig(

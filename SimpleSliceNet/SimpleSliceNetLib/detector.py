@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .devices import autocast_dtype, choose_device
 from .errors import ModelFileError
@@ -25,17 +26,22 @@ class DetectionResult:
     coverage: float  # fraction of the brain inside the model's field of view
     timings: dict = field(default_factory=dict)
     extra_maps: dict = field(default_factory=dict)  # method-specific maps on the input grid
+    slab_scores: list = field(default_factory=list)  # max score per slab along the slice axis (U2AD)
 
 
-def build_model(model: ModelFile) -> SliceNetModel:
-    """The network described by ``model`` with its weights loaded (strictly)."""
-    if model.method != "simpleslicenet":
+def build_model(model: ModelFile) -> torch.nn.Module:
+    """The network described by ``model`` (a SliceNetModel or a U2ADModel) with its weights loaded (strictly)."""
+    if model.method not in ("simpleslicenet", "u2ad"):
         raise ModelFileError(f"{model.path}: method {model.method!r} is not available in this version")
     try:
-        config = SliceNetConfig.from_dict(model.config)
+        if model.method == "u2ad":
+            from .u2ad import U2ADConfig, U2ADModel
+
+            net = U2ADModel(U2ADConfig.from_dict(model.config))
+        else:
+            net = SliceNetModel(SliceNetConfig.from_dict(model.config), encoder_weights="none")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{model.path}: invalid configuration ({exc})") from exc
-    net = SliceNetModel(config, encoder_weights="none")
     state = model.load_weights()
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -83,14 +89,23 @@ class Detector:
         cfg = self.net.config
         pre = preprocess(volume, cfg.preprocess, mask=mask, name=name)
         lap("preprocess_s")
-        features = self.net.features(pre.image, self.autocast)
-        lap("encode_s")
-        nll = self.net.nll_grid(features)
-        lap("flow_s")
-        coarse = self.net.score_map(nll)
-        heatmap = pre.mapping.coarse(cfg.map_factor).to_input(coarse)
-        heatmap[~pre.input_brain] = 0.0
-        lap("map_s")
+        extra_maps, slabs = {}, []
+        if isinstance(self.net, SliceNetModel):
+            features = self.net.features(pre.image, self.autocast)
+            lap("encode_s")
+            nll = self.net.nll_grid(features)
+            lap("flow_s")
+            coarse = self.net.score_map(nll)
+            heatmap = pre.mapping.coarse(cfg.map_factor).to_input(coarse)
+            heatmap[~pre.input_brain] = 0.0
+            lap("map_s")
+        else:
+            from .u2ad import analyse
+
+            maps = analyse(self.net, pre, self.autocast, lap=lap)
+            heatmap, slabs = maps.heatmap, maps.slab_scores
+            extra_maps = {"uncertainty": maps.uncertainty, "aleatoric": maps.aleatoric}
         score = float(heatmap[pre.input_brain].max()) if pre.input_brain.any() else 0.0
-        return DetectionResult(heatmap, pre.input_brain, score, self.threshold, pre.coverage, timings)
+        return DetectionResult(heatmap, pre.input_brain, score, self.threshold, pre.coverage, timings, extra_maps,
+                               slabs)
 
