@@ -16,6 +16,8 @@ from .progress import Progress
 from .volume_io import volume_stem
 
 OUTPUT_SUFFIXES = ("heatmap.nii.gz", "mask.nii.gz", "brainmask.nii.gz", "report.json", "overlay.png")
+# Written when the model provides them (U2AD): epistemic and aleatoric uncertainty on the input grid.
+EXTRA_MAPS = ("uncertainty", "aleatoric")
 
 
 def _add_detect(subparsers) -> None:
@@ -101,6 +103,9 @@ def _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, t
         save_volume(scratch / f"{stem}_heatmap.nii.gz", result.heatmap.astype(np.float32), volume.affine)
         save_volume(scratch / f"{stem}_mask.nii.gz", (labels > 0).astype(np.uint8), volume.affine)
         save_volume(scratch / f"{stem}_brainmask.nii.gz", result.brain_mask.astype(np.uint8), volume.affine)
+        extra = {key: result.extra_maps[key] for key in EXTRA_MAPS if result.extra_maps.get(key) is not None}
+        for key, array in extra.items():
+            save_volume(scratch / f"{stem}_{key}.nii.gz", array.astype(np.float32), volume.affine)
         if overlay:
             focus = lesions[0].centroid_ras if lesions else None
             render_overlay(scratch / f"{stem}_overlay.png", volume.array, result.heatmap, labels > 0, volume.affine,
@@ -108,6 +113,7 @@ def _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, t
         timings["write_s"] = round(time.perf_counter() - started, 3)
         report = build_report(str(input_path), result, lesions, threshold, detector.info, detector.device.name,
                               volume.affine, timings)
+        _add_method_details(report, result, labels, extra)
         (scratch / f"{stem}_report.json").write_text(json.dumps(report, indent=2) + "\n")
         for name in sorted(p.name for p in scratch.iterdir()):
             target = out_dir / name
@@ -116,6 +122,18 @@ def _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, t
         return files
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _add_method_details(report: dict, result, labels, extra: dict) -> None:
+    """Per-lesion mean uncertainty and per-slab scores, for models that give them (U2AD)."""
+    if "uncertainty" in extra and report["lesions"]:
+        from scipy import ndimage
+
+        ids = [entry["id"] for entry in report["lesions"]]
+        for entry, value in zip(report["lesions"], ndimage.mean(extra["uncertainty"], labels, ids), strict=True):
+            entry["mean_uncertainty"] = float(value)
+    if result.slab_scores:
+        report["slab_scores"] = result.slab_scores
 
 
 def _add_models(subparsers) -> None:
