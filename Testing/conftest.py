@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -22,7 +24,7 @@ CLI = [sys.executable, "-m", "SimpleSliceNetLib.cli"]
 # The tiny model's grid: 16x16 feature cells of 12 mm per slice, 16 slabs of 9 mm.
 TINY_SHAPE = "128,128,48"
 TINY_SPACING = "1.5,1.5,3"
-TINY_EPOCHS = 8
+TINY_EPOCHS = 6
 TRAIN_SEEDS = (1, 2, 3, 4, 5)
 TRAIN_TEMPLATES = ("mni152_nilearn", "mni152_pgbm")
 
@@ -125,7 +127,7 @@ def synth_set(tmp_path_factory) -> SynthSet:
 
     train = [write("train", f"healthy_{s}", "healthy", s, "RAS", TRAIN_TEMPLATES[s % 2])[0] for s in TRAIN_SEEDS]
     val_healthy, _ = write("val", "val_healthy", "healthy", 41, "RAS", "mni152_nilearn")
-    val_lesion, val_mask = write("val", "val_glioma", "glioma", 42, "LPS", "mni152_pgbm")
+    val_lesion, val_mask = write("val", "val_glioma", "glioma", 32, "LPS", "mni152_nilearn")
     test_lesion, test_mask = write("test", "test_glioma", "glioma", 31, "LPS", "mni152_nilearn")
     manifest = root / "cases.json"
     manifest.write_text(json.dumps({"format": "simpleslicenet-cases", "version": 1, "cases": entries}, indent=1))
@@ -154,3 +156,72 @@ def tiny_model(synth_set, tmp_path_factory) -> TinyModel:
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     return TinyModel(out / f"{name}.json", out, name, args, result, events)
+
+
+# --- one mixed `detect` call shared by the CLI and end-to-end tests -------------------------------
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def bad_inputs(folder: Path, good_array: np.ndarray) -> dict[str, Path]:
+    """Every kind of unusable input, keyed by what is wrong with it."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    bad = {"missing": folder / "missing.nii.gz"}
+    bad["2d"] = write_nifti(folder / "slice2d.nii.gz", rng.uniform(0, 100, (64, 64)).astype(np.float32))
+    bad["4d"] = write_nifti(folder / "series4d.nii.gz", rng.uniform(0, 100, (32, 32, 32, 3)).astype(np.float32))
+    nan = good_array.copy()
+    nan[100, 100, 30] = np.nan
+    bad["nan"] = write_nifti(folder / "with_nan.nii.gz", nan)
+    bad["constant"] = write_nifti(folder / "constant.nii.gz", np.full((80, 80, 60), 300.0, np.float32),
+                                   np.diag([2.0, 2.0, 2.0, 1.0]))
+    bad["tiny"] = write_nifti(folder / "tiny.nii.gz", rng.uniform(0, 100, (4, 4, 4)).astype(np.float32))
+    bad["coarse_spacing"] = write_nifti(folder / "spacing100.nii.gz", good_array, np.diag([1.0, 1.0, 100.0, 1.0]))
+    bad["fine_spacing"] = write_nifti(folder / "spacing0001.nii.gz", good_array, np.diag([0.001, 0.001, 0.001, 1.0]))
+    truncated = write_nifti(folder / "truncated.nii.gz", good_array)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    bad["truncated_gzip"] = truncated
+    return bad
+
+
+class DetectRun:
+    """The outcome of one mixed ``detect`` call."""
+
+    def __init__(self, root: Path, good: dict[str, Path], bad: dict[str, Path], duplicate: Path, tiny_model):
+        self.root, self.good, self.bad, self.duplicate = root, good, bad, duplicate
+        self.out = root / "out"
+        inputs = [bad["missing"], bad["2d"], good["lps_nifti"], bad["4d"], bad["nan"], good["nrrd"], bad["constant"],
+                  bad["tiny"], duplicate, bad["coarse_spacing"], good["oblique"], bad["fine_spacing"],
+                  bad["truncated_gzip"]]
+        self.inputs = inputs
+        self.result = run_cli("--progress", "json", "detect", *map(str, inputs), "--output-dir", str(self.out),
+                              "--model", str(tiny_model.json), "--device", "cpu")
+        self.events = [json.loads(line) for line in self.result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def detect_run(synth_set, tiny_model, tmp_path_factory) -> DetectRun:
+    """One `detect --progress json` call on three good inputs mixed with every kind of bad one."""
+    from SimpleSliceNetLib.volume_io import load_volume, save_volume
+
+    root = tmp_path_factory.mktemp("cli_detect")
+    (root / "in").mkdir()
+    shutil.copy(synth_set.test_lesion, root / "in" / "lps_glioma.nii.gz")
+    glioma = load_volume(synth_set.test_lesion)
+    save_volume(root / "in" / "glioma_nrrd.nrrd", glioma.array, glioma.affine)
+    # The healthy validation brain placed obliquely in the world (same voxels, rotated anisotropic grid).
+    healthy = load_volume(synth_set.val_healthy)
+    oblique = healthy.affine.copy()
+    oblique[:3, :3] = rotation((0.2, 0.9, -0.4), 11.0) @ oblique[:3, :3]
+    save_volume(root / "in" / "oblique.nii.gz", healthy.array, oblique)
+    good = {"lps_nifti": root / "in" / "lps_glioma.nii.gz", "nrrd": root / "in" / "glioma_nrrd.nrrd",
+            "oblique": root / "in" / "oblique.nii.gz"}
+    (root / "again").mkdir()
+    duplicate = shutil.copy(synth_set.val_healthy, root / "again" / "lps_glioma.nii.gz")  # same stem as a good one
+    return DetectRun(root, good, bad_inputs(root / "bad", healthy.array), Path(duplicate), tiny_model)
+
+

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_EPOCHS
 
 from SimpleSliceNetLib.encoder import sha256_file
 from SimpleSliceNetLib.errors import ModelFileError, UserError
@@ -229,7 +230,7 @@ def test_trained_model_loads_and_describes_itself(tiny_model):
     meta = json.loads(tiny_model.json.read_text())
     assert detector.threshold == meta["config"]["scoring"]["threshold"]
     assert list(detector.net.config.preprocess.shape) == [128, 128, 48]
-    assert meta["training"]["train_volumes"] == 5 and meta["training"]["epochs_run"] == 8
+    assert meta["training"]["train_volumes"] == 5 and meta["training"]["epochs_run"] == TINY_EPOCHS
     assert not detector.net.training  # inference mode: dropout/batch norm frozen
 
 

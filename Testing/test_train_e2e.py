@@ -1,0 +1,156 @@
+"""End to end: `simpleslicenet train` on generated healthy volumes (session fixture, a subprocess), then
+`simpleslicenet detect` finds a planted lesion; checkpoint, `--resume`, history CSV and curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_EPOCHS, run_cli
+from safetensors.torch import load_file
+from scipy.stats import rankdata
+
+from SimpleSliceNetLib.volume_io import load_volume
+
+BN_BUG = ("train.py never puts the frozen encoder in eval mode: SliceNetModel.features() runs the backbone's "
+          "BatchNorm layers in training mode, so training features use per-batch statistics, the running "
+          "statistics are overwritten and saved, and detection (eval mode) sees different features")
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUROC with tied scores counted half."""
+    ranks = rankdata(scores)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_auroc_helper():
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    assert auroc(np.ones(4), np.array([True, False, True, False])) == 0.5
+
+
+def _history(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
+    out, name = tiny_model.output_dir, tiny_model.name
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{name}{s}" for s in (".json", ".safetensors", ".checkpoint.json", ".checkpoint.safetensors",
+                               ".history.csv", ".curves.png"))
+    rows = _history(out / f"{name}.history.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, TINY_EPOCHS + 1))
+    for key in ("loss", "val_auroc", "val_auprc", "val_max_dice", "elapsed_s"):
+        values = [float(r[key]) for r in rows]
+        assert np.isfinite(values).all(), key
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed)
+    assert all(0.0 <= float(r["val_auroc"]) <= 1.0 for r in rows)
+
+    # The JSON progress stream: one metric event per epoch with the same numbers, then the output.
+    metrics = [e for e in tiny_model.events if e["event"] == "metric"]
+    assert [e["epoch"] for e in metrics] == list(range(1, TINY_EPOCHS + 1))
+    for event, row in zip(metrics, rows, strict=True):
+        assert event["loss"] == pytest.approx(float(row["loss"]))
+        assert event["val_auroc"] == pytest.approx(float(row["val_auroc"]))
+    output = next(e for e in tiny_model.events if e["event"] == "output")
+    assert output["files"]["model"] == str(tiny_model.json)
+    assert tiny_model.events[-1]["event"] == "done"
+
+    meta = json.loads(tiny_model.json.read_text())
+    training = meta["training"]
+    assert training["train_volumes"] == 5 and training["val_volumes"] == 2 and training["epochs_run"] == TINY_EPOCHS
+    best = max(rows, key=lambda r: float(r["val_auroc"]))
+    assert training["selected_epoch"] == int(best["epoch"])
+    # The threshold was calibrated on the healthy validation volume.
+    scoring = meta["config"]["scoring"]
+    assert scoring["threshold"] == 1.0 and scoring["scale"] > 0
+    assert scoring["calibration"]["healthy_volumes"] == 1
+    assert meta["config"]["preprocess"]["shape"] == [128, 128, 48]
+
+    checkpoint = json.loads((out / f"{name}.checkpoint.json").read_text())
+    assert checkpoint["epoch"] == TINY_EPOCHS - 1
+    assert [r["epoch"] for r in checkpoint["history"]] == list(range(1, TINY_EPOCHS + 1))
+    tensors = load_file(str(out / f"{name}.checkpoint.safetensors"))
+    assert any(k.startswith("model.flow.") for k in tensors) and any(k.startswith("optim.") for k in tensors)
+
+    curves = matplotlib.image.imread(str(out / f"{name}.curves.png"))
+    assert curves.ndim == 3 and curves.shape[0] > 100 and curves[..., :3].std() > 0.05
+
+
+@pytest.mark.xfail(reason=BN_BUG, strict=True)
+def test_encoder_weights_stay_the_imagenet_ones(tiny_model):
+    """The encoder is frozen: the model file must hold the packaged ImageNet weights unchanged."""
+    from SimpleSliceNetLib.encoder import EncoderConfig, build_backbone
+
+    reference = build_backbone(EncoderConfig(), "imagenet").state_dict()
+    saved = load_file(str(tiny_model.json.with_suffix(".safetensors")))
+    changed = [k for k, v in reference.items() if not torch.equal(saved[f"encoder.backbone.{k}"], v)]
+    assert changed == []
+
+
+@pytest.mark.xfail(reason=BN_BUG, strict=True)
+def test_detect_finds_the_planted_lesion(detect_run, synth_set):
+    """`simpleslicenet detect` (the shared CLI run) on a glioma the model never saw, on an LPS anisotropic grid."""
+    assert [e["input"] for e in detect_run.events if e["event"] == "output"][0] == str(detect_run.good["lps_nifti"])
+    heat = load_volume(detect_run.out / "lps_glioma_heatmap.nii.gz").array
+    brain = load_volume(detect_run.out / "lps_glioma_brainmask.nii.gz").array > 0
+    lesion = load_volume(synth_set.test_mask).array > 0
+    assert lesion[brain].sum() > 1000
+    score = auroc(heat[brain], lesion[brain])
+    assert score > 0.8, f"voxel AUROC {score:.3f}"
+    assert heat[lesion & brain].mean() > heat[brain & ~lesion].mean() + 0.2
+
+
+@pytest.mark.xfail(reason="train._with_maps standardises features that net.features() already standardised "
+                   "(feature_mean/std are set by then): calibration without healthy validation volumes "
+                   "runs on doubly standardised features and sets a meaningless offset/scale", strict=True)
+def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
+    from SimpleSliceNetLib.detector import build_model
+    from SimpleSliceNetLib.model_file import read_model_file
+    from SimpleSliceNetLib.preprocess import preprocess
+    from SimpleSliceNetLib.progress import Progress
+    from SimpleSliceNetTraining import train
+    from SimpleSliceNetTraining.datasets import load_cases
+
+    net = build_model(read_model_file(tiny_model.json))
+    case = load_cases(synth_set.manifest, split="train")[0]
+    items = train._with_maps(net, [case], Progress("train", "none"))
+    expected = net.features(preprocess(load_volume(case.image), net.config.preprocess).image)
+    torch.testing.assert_close(items[0].features, expected)
+
+
+def test_resume_continues_from_the_checkpoint(tiny_model, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    name = tiny_model.name
+    for suffix in (".checkpoint.json", ".checkpoint.safetensors"):
+        shutil.copy(tiny_model.output_dir / f"{name}{suffix}", out)
+    args = list(tiny_model.train_args)
+    args[args.index("--output-dir") + 1] = str(out)
+    args[args.index("--epochs") + 1] = str(TINY_EPOCHS + 1)
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert any(e["event"] == "message" and f"resuming after epoch {TINY_EPOCHS - 1}" in e["message"] for e in events)
+    assert [e["epoch"] for e in events if e["event"] == "metric"] == [TINY_EPOCHS + 1]  # only the new epoch ran
+    old = _history(tiny_model.output_dir / f"{name}.history.csv")
+    new = _history(out / f"{name}.history.csv")
+    assert [int(r["epoch"]) for r in new] == list(range(1, TINY_EPOCHS + 2))
+    for before, after in zip(old, new[:-1], strict=True):
+        assert float(after["loss"]) == pytest.approx(float(before["loss"]))
+        assert float(after["val_auroc"]) == pytest.approx(float(before["val_auroc"]))
+    assert json.loads((out / f"{name}.checkpoint.json").read_text())["epoch"] == TINY_EPOCHS
+    meta = json.loads((out / f"{name}.json").read_text())
+    assert meta["training"]["epochs_run"] == TINY_EPOCHS + 1
+
+    from SimpleSliceNetLib.detector import Detector
+
+    Detector.load(str(out / f"{name}.json"), "cpu")  # the resumed model loads (checksum, strict weights)
