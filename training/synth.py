@@ -10,7 +10,7 @@ A case is made in four steps, each with its own random stream derived from (seed
    LPS or oblique), Rician noise, background re-zeroed with the brain mask (as skull-stripping
    tools leave it), intensities scaled and rounded like scanner output.
 
-The SRI24 template is held out for the test split; train and val use the two MNI152 templates.
+By default the SRI24 template is held out for the test split (`holdout_template`); train and val use the other two.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ from .templates import Template, load_template
 MANIFEST_NAME = "cases.json"
 MANIFEST_FORMAT = "simpleslicenet-cases"
 FAMILIES = ("healthy",) + LESION_FAMILIES
-TRAIN_TEMPLATES = ("mni152_nilearn", "mni152_pgbm")
-# Test mixes the held-out SRI24 template (half the cases) with the training templates.
-TEST_TEMPLATES = ("sri24", "mni152_nilearn", "sri24", "mni152_pgbm")
+TEMPLATES = ("mni152_nilearn", "mni152_pgbm", "sri24")
 # name -> (shape, spacing in mm)
 GRIDS: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
     "brats": ((240, 240, 155), (1.0, 1.0, 1.0)),
@@ -62,6 +60,19 @@ class SynthConfig:
     n_test_lesion: int = 18
     # Parallel worker processes (0: one per core, at most 4). Does not change the output.
     workers: int = 0
+    # Never used for train/val; half the test cases. SRI24 is the one brain unlike the other two
+    # (both MNI152 2009 averages), so holding it out measures generalisation to unseen anatomy.
+    holdout_template: str = "sri24"
+
+    @property
+    def train_templates(self) -> tuple[str, ...]:
+        return tuple(t for t in TEMPLATES if t != self.holdout_template)
+
+    @property
+    def test_templates(self) -> tuple[str, ...]:
+        """Test mixes the held-out template (half the cases) with the training templates."""
+        first, second = self.train_templates
+        return (self.holdout_template, first, self.holdout_template, second)
 
     @classmethod
     def small(cls, seed: int = 0) -> SynthConfig:
@@ -342,6 +353,8 @@ def plan_cases(config: SynthConfig) -> list[CaseSpec]:
     for _, _, count in groups:
         if count < 0:
             raise UserError("case counts must be zero or more")
+    if config.holdout_template not in TEMPLATES:
+        raise UserError(f"unknown template '{config.holdout_template}'; choose one of {', '.join(TEMPLATES)}")
     specs: list[CaseSpec] = []
     index = 0
     for split_no, split in enumerate(("train", "val", "test")):
@@ -353,9 +366,9 @@ def plan_cases(config: SynthConfig) -> list[CaseSpec]:
                 family = "healthy" if label == "healthy" else LESION_FAMILIES[j % len(LESION_FAMILIES)]
                 if split == "test":
                     # Lesion cases step through templates per round of families so every family sees SRI24.
-                    template = TEST_TEMPLATES[(j if label == "healthy" else j // len(LESION_FAMILIES)) % 4]
+                    template = config.test_templates[(j if label == "healthy" else j // len(LESION_FAMILIES)) % 4]
                 else:
-                    template = TRAIN_TEMPLATES[j % len(TRAIN_TEMPLATES)]
+                    template = config.train_templates[j % len(config.train_templates)]
                 entries.append((family, template))
         # Balanced, shuffled grids/orientations/formats so no family is tied to one of them.
         n = len(entries)
@@ -492,6 +505,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         parser.add_argument(flag, type=int, default=None, help=f"{text} (default {getattr(defaults, name)})")
     parser.add_argument("--small", action="store_true", help="a tiny set of 10 cases (explicit counts still apply)")
     parser.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per core, at most 4)")
+    parser.add_argument("--holdout-template", default=defaults.holdout_template, choices=TEMPLATES,
+                        help="template kept out of train/val (default %(default)s)")
     parser.set_defaults(func=run)
     return parser
 
@@ -505,6 +520,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be zero or more, got {value}")
             setattr(config, name, value)
     config.workers = max(int(getattr(args, "workers", 0) or 0), 0)
+    config.holdout_template = getattr(args, "holdout_template", config.holdout_template)
     return config
 
 
