@@ -17,10 +17,6 @@ from scipy.stats import rankdata
 
 from SimpleSliceNetLib.volume_io import load_volume
 
-BN_BUG = ("train.py never puts the frozen encoder in eval mode: SliceNetModel.features() runs the backbone's "
-          "BatchNorm layers in training mode, so training features use per-batch statistics, the running "
-          "statistics are overwritten and saved, and detection (eval mode) sees different features")
-
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Mann-Whitney AUROC with tied scores counted half."""
@@ -85,7 +81,6 @@ def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
     assert curves.ndim == 3 and curves.shape[0] > 100 and curves[..., :3].std() > 0.05
 
 
-@pytest.mark.xfail(reason=BN_BUG, strict=True)
 def test_encoder_weights_stay_the_imagenet_ones(tiny_model):
     """The encoder is frozen: the model file must hold the packaged ImageNet weights unchanged."""
     from SimpleSliceNetLib.encoder import EncoderConfig, build_backbone
@@ -96,7 +91,6 @@ def test_encoder_weights_stay_the_imagenet_ones(tiny_model):
     assert changed == []
 
 
-@pytest.mark.xfail(reason=BN_BUG, strict=True)
 def test_detect_finds_the_planted_lesion(detect_run, synth_set):
     """`simpleslicenet detect` (the shared CLI run) on a glioma the model never saw, on an LPS anisotropic grid."""
     assert [e["input"] for e in detect_run.events if e["event"] == "output"][0] == str(detect_run.good["lps_nifti"])
@@ -109,9 +103,6 @@ def test_detect_finds_the_planted_lesion(detect_run, synth_set):
     assert heat[lesion & brain].mean() > heat[brain & ~lesion].mean() + 0.2
 
 
-@pytest.mark.xfail(reason="train._with_maps standardises features that net.features() already standardised "
-                   "(feature_mean/std are set by then): calibration without healthy validation volumes "
-                   "runs on doubly standardised features and sets a meaningless offset/scale", strict=True)
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
     from SimpleSliceNetLib.detector import build_model
     from SimpleSliceNetLib.model_file import read_model_file

@@ -309,10 +309,8 @@ def train(
 
 
 def _with_maps(net, cases, progress):
-    items = _extract(net, cases, progress, "calibrating", (0.95, 0.04), keep_maps=True)
-    for item in items:
-        item.features = (item.features - net.feature_mean) / net.feature_std
-    return items
+    # Feature statistics are set by now, so net.features() already standardises.
+    return _extract(net, cases, progress, "calibrating", (0.95, 0.04), keep_maps=True)
 
 
 def _selected_epoch(history: History) -> int | None:

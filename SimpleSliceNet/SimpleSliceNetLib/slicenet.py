@@ -81,6 +81,9 @@ class SliceNetModel(nn.Module):
     def features(self, image: np.ndarray, autocast: torch.dtype | None = None) -> torch.Tensor:
         """Model-grid image (X, Y, Z) in [0, 1] -> standardised slab vectors (h, w, Z/group, C)."""
         device = self.feature_mean.device
+        # The encoder is frozen: its BatchNorm layers must use their ImageNet running statistics
+        # even while the flow trains (train mode would use, and overwrite, per-batch statistics).
+        self.encoder.eval()
         slices = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[:, None]
         outs = []
         context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()

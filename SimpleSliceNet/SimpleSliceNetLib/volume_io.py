@@ -70,6 +70,8 @@ def load_volume(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Vo
         raise VolumeError(
             f"{path}: not a volume file name; expected one of {', '.join(VOLUME_SUFFIXES)}"
         )
+    import nrrd
+
     try:
         if path.name.lower().endswith(NRRD_SUFFIXES):
             array, affine = _read_nrrd(path)
@@ -77,7 +79,8 @@ def load_volume(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Vo
             array, affine = _read_nifti(path)
     except VolumeError:
         raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, KeyError, TypeError) as exc:
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, KeyError, TypeError,
+            nib.filebasedimages.ImageFileError, nrrd.errors.NRRDError) as exc:
         raise VolumeError(f"{path}: cannot be read as a volume ({_short(exc)}); is the file complete?") from exc
     return Volume(_checked_array(path, array, allow_nonfinite), _checked_affine(path, affine))
 
