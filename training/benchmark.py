@@ -1,4 +1,4 @@
-"""`simpleslicenet benchmark`: detection time and peak memory, default model vs the paper's setup.
+"""`simpleslicenet benchmark`: detection time and peak memory, default model vs the paper's setup (and U2AD).
 
 Each configuration runs in its own child process so its peak memory (ru_maxrss) is its own.
 Timed: reading the volume, detection, lesion extraction and writing the heatmap and mask (the
@@ -24,6 +24,8 @@ from SimpleSliceNetLib.progress import Progress
 
 PAPER = "paper"
 DEFAULT = "default"
+U2AD = "u2ad"
+U2AD_MODEL = "u2ad-t1-synth"  # the bundled U2AD model, timed with its K = 4 masks per slice
 
 
 def paper_config():
@@ -52,8 +54,8 @@ def _worker(which: str, volume_path: str, repeats: int, device: str) -> dict:
 
     import_s = time.perf_counter() - started
     started = time.perf_counter()
-    if which == DEFAULT:
-        detector = Detector.load(None, device)
+    if which in (DEFAULT, U2AD):
+        detector = Detector.load(None if which == DEFAULT else U2AD_MODEL, device)
         name = detector.model.id
     else:
         from SimpleSliceNetLib.slicenet import SliceNetModel
@@ -98,7 +100,10 @@ def benchmark(volume_path: str, repeats: int, paper_repeats: int, device: str, p
 
     shape = list(load_volume(volume_path).array.shape)
     results = {}
-    for which, count in ((DEFAULT, repeats), (PAPER, paper_repeats)):
+    configurations = [(DEFAULT, repeats), (PAPER, paper_repeats)]
+    if _bundled(U2AD_MODEL):
+        configurations.append((U2AD, repeats))
+    for which, count in configurations:
         progress.info(f"benchmarking {which} ({count} timed run(s) after a warm-up) ...")
         cmd = [sys.executable, "-m", "SimpleSliceNetTraining.benchmark", "--worker", which, volume_path,
                str(count), device]
@@ -119,8 +124,15 @@ def benchmark(volume_path: str, repeats: int, paper_repeats: int, device: str, p
             "default_seconds_per_volume<=3": results[DEFAULT]["seconds_per_volume"] <= 3.0,
             "default_peak_memory_mb<=1536": results[DEFAULT]["peak_memory_mb"] <= 1536,
             "speedup_vs_paper>=8": speedup >= 8.0,
+            **({"u2ad_seconds_per_volume<=15": results[U2AD]["seconds_per_volume"] <= 15.0} if U2AD in results else {}),
         },
     }
+
+
+def _bundled(model_id: str) -> bool:
+    from SimpleSliceNetLib.resources import bundled_models_dir
+
+    return (bundled_models_dir() / f"{model_id}.json").exists()
 
 
 def add_parser(subparsers) -> None:

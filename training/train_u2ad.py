@@ -275,7 +275,7 @@ def train_u2ad(
             edges.append(parts["edge"])
         last_epoch = epoch == config.epochs - 1
         metrics = {}
-        if scored_val and (mc_row or last_epoch or (epoch + 1) % config.mc_every == 0):
+        if scored_val and (last_epoch or (epoch + 1) % config.mc_every == 0):
             metrics = validate(net, val_items, heatmap=_heatmap)
         epoch_seconds = time.perf_counter() - epoch_start
         row = history.add(epoch=epoch + 1, phase=current, loss=float(np.mean(losses)), l1=float(np.mean(l1s)),

@@ -215,6 +215,11 @@ class U2ADModel(nn.Module):
     def device(self) -> torch.device:
         return self.pos.device
 
+    @property
+    def dim(self) -> int:
+        """Encoder token width (reported by the benchmark like SimpleSliceNet's feature size)."""
+        return self.config.encoder_dim
+
     def forward(self, images: torch.Tensor, roi: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """Reconstruct the ROI patches of ``images`` (B, H, W) given patch masks ``roi``, ``masked`` (B, N).
 
