@@ -43,15 +43,30 @@ def extract_lesions(
     above = heatmap >= threshold
     if brain_mask is not None:
         above &= brain_mask.astype(bool)
-    labels, count = ndimage.label(above, structure=np.ones((3, 3, 3), dtype=bool))
     out = np.zeros(heatmap.shape, dtype=np.uint8)
-    if count == 0:
+    points = np.nonzero(above)
+    if points[0].size == 0:
         return out, []
-    index = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(above, labels, index)
-    maxima = ndimage.maximum(heatmap, labels, index)
-    means = ndimage.mean(heatmap, labels, index)
-    centroids = ndimage.center_of_mass(above, labels, index)
+    # Work inside the bounding box of the supra-threshold voxels and on those voxels only:
+    # findings are usually a small part of the volume, and the slider calls this live.
+    box = tuple(slice(int(p.min()), int(p.max()) + 1) for p in points)
+    inside = above[box]
+    labels, count = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
+    label = labels[inside]
+    local = np.nonzero(inside)  # same C order as labels[inside]
+    values = heatmap[box][inside].astype(np.float64)
+    sizes = np.bincount(label, minlength=count + 1)[1:]
+    means = np.bincount(label, weights=values, minlength=count + 1)[1:] / sizes
+    maxima = np.full(count + 1, -np.inf)
+    np.maximum.at(maxima, label, values)
+    maxima = maxima[1:]
+    centroids = np.stack(
+        [
+            np.bincount(label, weights=axis + sl.start, minlength=count + 1)[1:] / sizes
+            for axis, sl in zip(local, box, strict=True)
+        ],
+        axis=1,
+    )
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     keep = [i for i in range(count) if sizes[i] * voxel_ml >= min_volume_ml]
     keep.sort(key=lambda i: -maxima[i])
@@ -60,7 +75,7 @@ def extract_lesions(
     remap = np.zeros(count + 1, dtype=np.uint8)
     for new_id, i in enumerate(keep, start=1):
         remap[i + 1] = new_id
-        ras = affine @ np.append(np.asarray(centroids[i], dtype=float), 1.0)
+        ras = affine @ np.append(centroids[i], 1.0)
         lesions.append(
             Lesion(
                 id=new_id,
@@ -71,5 +86,5 @@ def extract_lesions(
                 mean_score=float(means[i]),
             )
         )
-    out[...] = remap[labels]
+    out[box][inside] = remap[label]
     return out, lesions
