@@ -59,3 +59,15 @@ def test_unknown_id_and_cli(tmp_path):
                           env={"SIMPLESLICENET_HOME": str(env_home), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["downloaded"] == str(env_home / "models" / "tiny.json")
+
+
+def test_bundled_registry_matches_the_bundled_model_files():
+    from SimpleSliceNetLib.resources import bundled_models_dir
+
+    entries = read_registry()
+    assert entries, "the bundled registry lists no model"
+    for entry in entries:
+        for item in entry.files:
+            local = bundled_models_dir() / item["name"]
+            if local.exists():  # a registry may also list models that are not bundled
+                assert hashlib.sha256(local.read_bytes()).hexdigest() == item["sha256"], item["name"]
