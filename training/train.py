@@ -143,6 +143,17 @@ def validate(net, items: list[VolumeItem], heatmap=_heatmap) -> dict:
     }
 
 
+def dice_threshold(net, items: list[VolumeItem]) -> float:
+    """The heatmap threshold with the best Dice over all ``items``' brain voxels pooled."""
+    from .metrics import PooledCurve
+
+    pooled = PooledCurve()
+    for item in items:
+        pooled.add(_heatmap(net, item)[item.pre.input_brain], item.lesion[item.pre.input_brain])
+    _dice, threshold, _sens, _spec = pooled.curve().best_dice()
+    return float(threshold)
+
+
 def calibrate(net, items: list[VolumeItem], fpr: float, heatmap=_heatmap) -> dict:
     """Heatmap offset/scale so healthy tissue sits near 0 and the ``1 - fpr`` quantile at 1.
 
@@ -289,6 +300,14 @@ def train(
         progress.info("no healthy validation volumes: calibrating the threshold on training volumes (optimistic)")
         calibration_items = _with_maps(net, train_cases[: min(8, len(train_cases))], progress)
     calibrate(net, calibration_items, config.calibration_fpr)
+    lesion_items = [item for item in val_items if item.lesion is not None and item.lesion.any()]
+    if lesion_items:
+        # With annotated validation lesions, the default cut is where they are segmented best; the
+        # FPR quantile (1.0 on the heatmap's scale) is stricter than most users want.
+        net.config.scoring.threshold = dice_threshold(net, lesion_items)
+        net.config.scoring.calibration["threshold_rule"] = "max pooled Dice on validation lesion volumes"
+    else:
+        net.config.scoring.calibration["threshold_rule"] = f"voxel FPR {config.calibration_fpr:g} on healthy volumes"
     training_summary = {
         **(summary or {}),
         "train_volumes": len(train_items),
