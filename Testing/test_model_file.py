@@ -245,10 +245,10 @@ def test_configuration_that_does_not_match_the_weights(tiny_model, tmp_path):
         build_model(read_model_file(path))
 
 
-def test_method_without_an_engine_here(tiny_model, tmp_path):
+def test_configuration_of_another_method_is_refused(tiny_model, tmp_path):
     from SimpleSliceNetLib.detector import build_model
 
     path = _copy_model(tiny_model, tmp_path / "copy")
-    _edit_json(path, method="u2ad")
-    with pytest.raises(ModelFileError, match="not available"):
+    _edit_json(path, method="u2ad")  # a SimpleSliceNet configuration labelled as U2AD
+    with pytest.raises(ModelFileError, match="invalid configuration"):
         build_model(read_model_file(path))
