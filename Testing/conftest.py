@@ -194,6 +194,7 @@ class DetectRun:
     def __init__(self, root: Path, good: dict[str, Path], bad: dict[str, Path], duplicate: Path, tiny_model):
         self.root, self.good, self.bad, self.duplicate = root, good, bad, duplicate
         self.out = root / "out"
+        self.model_json = tiny_model.json
         inputs = [bad["missing"], bad["2d"], good["lps_nifti"], bad["4d"], bad["nan"], good["nrrd"], bad["constant"],
                   bad["tiny"], duplicate, bad["coarse_spacing"], good["oblique"], bad["fine_spacing"],
                   bad["truncated_gzip"]]

@@ -103,7 +103,8 @@ def test_outputs_share_the_input_grid(detect_run, kind):
     assert report["shape"] == list(source.array.shape)
     np.testing.assert_allclose(report["affine"], source.affine, atol=1e-5)
     assert report["volume_score"] == pytest.approx(float(heat[brain].max()), abs=1e-4)
-    assert report["threshold"] == pytest.approx(1.0)  # the model's calibrated threshold
+    model_threshold = json.loads(detect_run.model_json.read_text())["config"]["scoring"]["threshold"]
+    assert report["threshold"] == pytest.approx(model_threshold)  # the model's calibrated threshold
     assert report["abnormal"] == (report["volume_score"] >= report["threshold"])
     assert report["model"]["id"] == "tiny" and report["model"]["version"]
     assert {"load_s", "preprocess_s", "encode_s", "flow_s", "map_s"} <= set(report["timings"])
@@ -152,7 +153,8 @@ def test_import_list_and_threshold(detect_run, tiny_model, tmp_path):
     user = [m for m in json.loads(listed.stdout) if m["source"] == "user"]
     assert [m["id"] for m in user] == ["tiny"]
     assert user[0]["method"] == "simpleslicenet" and user[0]["path"] == str(target / "tiny.json")
-    assert user[0]["threshold"] == pytest.approx(1.0)
+    stored = json.loads(tiny_model.json.read_text())["config"]["scoring"]["threshold"]
+    assert user[0]["threshold"] == pytest.approx(stored)
     result = run_cli("--progress", "none", "detect", str(source), "--output-dir", str(tmp_path / "out"),
                      "--model", "tiny", "--threshold", str(threshold), "--min-lesion-ml", "0", "--no-overlay",
                      "--device", "cpu", env=env)

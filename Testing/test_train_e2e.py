@@ -65,10 +65,12 @@ def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
     assert training["train_volumes"] == 5 and training["val_volumes"] == 2 and training["epochs_run"] == TINY_EPOCHS
     best = max(rows, key=lambda r: float(r["val_auroc"]))
     assert training["selected_epoch"] == int(best["epoch"])
-    # The threshold was calibrated on the healthy validation volume.
+    # Heatmap scale calibrated on the healthy validation volume; with an annotated validation lesion the
+    # default threshold is its best-Dice cut.
     scoring = meta["config"]["scoring"]
-    assert scoring["threshold"] == 1.0 and scoring["scale"] > 0
+    assert scoring["scale"] > 0 and np.isfinite(scoring["offset"]) and np.isfinite(scoring["threshold"])
     assert scoring["calibration"]["healthy_volumes"] == 1
+    assert "Dice" in scoring["calibration"]["threshold_rule"]
     assert meta["config"]["preprocess"]["shape"] == [128, 128, 48]
 
     checkpoint = json.loads((out / f"{name}.checkpoint.json").read_text())
@@ -105,6 +107,7 @@ def test_detect_finds_the_planted_lesion(detect_run, synth_set):
 
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
     from SimpleSliceNetLib.detector import build_model
+    from SimpleSliceNetLib.devices import autocast_dtype
     from SimpleSliceNetLib.model_file import read_model_file
     from SimpleSliceNetLib.preprocess import preprocess
     from SimpleSliceNetLib.progress import Progress
@@ -114,7 +117,8 @@ def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_se
     net = build_model(read_model_file(tiny_model.json))
     case = load_cases(synth_set.manifest, split="train")[0]
     items = train._with_maps(net, [case], Progress("train", "none"))
-    expected = net.features(preprocess(load_volume(case.image), net.config.preprocess).image)
+    cast = autocast_dtype("cpu")  # what training and detection use on this device
+    expected = net.features(preprocess(load_volume(case.image), net.config.preprocess).image, cast)
     torch.testing.assert_close(items[0].features, expected)
 
 
