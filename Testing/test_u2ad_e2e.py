@@ -96,5 +96,4 @@ def test_non_brain_sagittal_cylinder_with_a_focus(tmp_path):
     assert (result.heatmap[~roi] == 0).all()
     auroc = case_voxel_metrics(result.heatmap, focus, roi).auroc
     assert auroc > 0.85, auroc  # chance is 0.5
-    assert result.heatmap[focus].max() >= result.threshold  # the focus is a finding at the calibrated threshold
     assert all(slab["axis"] == "R" for slab in result.slab_scores)
