@@ -446,8 +446,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     detector = Detector.load(args.model, device=args.device)
     if detector.device.note:
         progress.info(detector.device.note)
-    scorers: dict[str, Scorer] = {"SimpleSliceNet": detector.detect}
-    info = {"SimpleSliceNet": dict(detector.info)}
+    label = {"simpleslicenet": "SimpleSliceNet", "u2ad": "U2AD"}.get(detector.model.method, detector.model.method)
+    scorers: dict[str, Scorer] = {label: detector.detect}
+    info = {label: dict(detector.info)}
     if not args.no_baseline:
         baseline = IntensityBaseline()
         scorers["intensity baseline"] = baseline
