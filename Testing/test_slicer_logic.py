@@ -282,7 +282,11 @@ def test_the_planted_lesion_scores_higher_than_healthy_tissue(detected, case):
     matrix = mrml.ijk_to_ras(result.heatmapNode)
     ijk = np.indices(heatmap.shape).reshape(3, -1)
     ras = (matrix[:3, :3] @ ijk + matrix[:3, 3:4]).T.reshape(*heatmap.shape, 3)
-    distance = np.linalg.norm(ras - np.asarray(case[2]), axis=-1)
+    # The lesion was planted at case[2] under the case's own affine; detection ran on the same voxels
+    # under the oblique geometry, so find the lesion's voxel and place it with that geometry.
+    centre_ijk = np.linalg.inv(case[1]) @ np.append(case[2], 1.0)
+    centre = (oblique_lps_anisotropic(case[1]) @ centre_ijk)[:3]
+    distance = np.linalg.norm(ras - centre, axis=-1)
     inside, outside = heatmap[distance < 8.0], heatmap[(distance > 30.0) & (heatmap != 0)]
     assert inside.mean() > np.median(outside)
 
