@@ -225,8 +225,6 @@ def train(
     """Fit ``net``'s flow on ``train_cases`` (healthy) and write the model file to ``output``."""
     import torch
 
-    from SimpleSliceNetLib.model_file import write_model_file
-
     progress = progress or Progress("train", "none")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -308,21 +306,28 @@ def train(
         net.config.scoring.calibration["threshold_rule"] = "max pooled Dice on validation lesion volumes"
     else:
         net.config.scoring.calibration["threshold_rule"] = f"voxel FPR {config.calibration_fpr:g} on healthy volumes"
+    return write_trained_model(output, net, "simpleslicenet", _config_dict(net.config), history, config, started,
+                               summary, {"train_volumes": len(train_items), "val_volumes": len(val_items)})
+
+
+def write_trained_model(output: Path, net, method: str, model_config: dict, history: History, train_config,
+                        started: float, summary: dict | None, counts: dict) -> Path:
+    """Write the model file with its training summary, then the history CSV and curves; returns the JSON path."""
+    from SimpleSliceNetLib.model_file import write_model_file
+
+    summary = summary or {}
     training_summary = {
-        **(summary or {}),
-        "train_volumes": len(train_items),
-        "val_volumes": len(val_items),
+        **summary,
+        **counts,
         "epochs_run": len(history.rows),
         "selected_epoch": _selected_epoch(history),
         "seconds": round(time.perf_counter() - started, 1),
-        "train_config": asdict(config),
+        "train_config": asdict(train_config),
         "final": history.rows[-1] if history.rows else {},
     }
-    summary = summary or {}
-    path = write_model_file(output, state_dict=net.state_dict(), method="simpleslicenet",
-                            config=_config_dict(net.config), training=training_summary,
-                            name=summary.get("name", output.stem), modality=summary.get("modality", "T1"),
-                            description=summary.get("description", ""))
+    path = write_model_file(output, state_dict=net.state_dict(), method=method, config=model_config,
+                            training=training_summary, name=summary.get("name", output.stem),
+                            modality=summary.get("modality", "T1"), description=summary.get("description", ""))
     _write_history(output, history)
     return path
 

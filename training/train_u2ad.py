@@ -37,10 +37,9 @@ from .train import (
     _ints,
     _load_checkpoint,
     _save_checkpoint,
-    _selected_epoch,
-    _write_history,
     calibrate,
     validate,
+    write_trained_model,
 )
 
 GUIDANCE = ("none", "eu", "eu+au")
@@ -200,7 +199,6 @@ def train_u2ad(
     """Fit ``net`` (a ``U2ADModel``) on ``train_cases`` (labels ignored) and write the model file to ``output``."""
     import torch
 
-    from SimpleSliceNetLib.model_file import write_model_file
     from SimpleSliceNetLib.u2ad import guided_masks, masked_pixels, reconstruction_loss
 
     progress = progress or Progress("train", "none")
@@ -299,22 +297,9 @@ def train_u2ad(
         calibration_items = _prepare(train_cases[: min(8, len(train_cases))], cfg.preprocess, progress,
                                      "calibrating", (0.95, 0.04), True)
     calibrate(net, calibration_items, config.calibration_fpr, heatmap=_heatmap)
-    summary = summary or {}
-    training_summary = {
-        **summary,
-        "train_volumes": len(np.unique(slices.volume)),
-        "train_slices": len(slices.tokens),
-        "val_volumes": len(val_items),
-        "epochs_run": len(history.rows),
-        "selected_epoch": _selected_epoch(history),
-        "seconds": round(time.perf_counter() - started, 1),
-        "train_config": asdict(config),
-        "final": history.rows[-1] if history.rows else {},
-    }
-    path = write_model_file(output, state_dict=net.state_dict(), method="u2ad", config=cfg.to_dict(),
-                            training=training_summary, name=summary.get("name", output.stem),
-                            modality=summary.get("modality", "T1"), description=summary.get("description", ""))
-    _write_history(output, history)
+    path = write_trained_model(output, net, "u2ad", cfg.to_dict(), history, config, started, summary,
+                               {"train_volumes": len(np.unique(slices.volume)), "train_slices": len(slices.tokens),
+                                "val_volumes": len(val_items)})
     return path
 
 
