@@ -11,11 +11,16 @@ Layouts, detected in this order:
 - a plain folder of NIfTI/NRRD volumes, with masks beside them (``<stem>_mask``, ``<stem>_seg``,
   ``<stem>_label``) or in a ``masks/`` subfolder under the image's stem.
 
-Only the manifest carries splits; the other layouts are returned whole with ``split`` None.
+Splits: a manifest names each case's split. BraTS follows the paper's protocol: case folders
+sorted by id, the first :data:`BRATS_VAL_CASES` (251) are "val", the rest "test". IXI subjects are
+all "train" unless a seeded hold-out fraction moves some to "val". Plain folders and lists carry no
+split and are returned whole whatever split is asked for.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,6 +37,15 @@ MANIFEST_FORMAT = "simpleslicenet-cases"
 MASK_SUFFIXES = ("_mask", "_seg", "_label")
 CONTRASTS = ("t1", "t1ce", "t2", "flair", "pd")
 SPLITS = ("train", "val", "test")
+ALL_SPLITS = "all"
+# The paper's protocol: BraTS2021 sorted by case id, the first 251 cases validate, the remaining 1000 test.
+BRATS_VAL_CASES = 251
+IXI_CONTRASTS = ("t1", "t2", "pd")
+SPLIT_RULES_HELP = (
+    f"Splits of folders without a manifest: BraTS case folders sorted by id, the first --brats-val-cases "
+    f"(default {BRATS_VAL_CASES}, the paper's) are 'val', the rest 'test'; IXI subjects are all 'train', "
+    "except a seeded --holdout-fraction moved to 'val'; plain folders are used whole."
+)
 _BRATS_DIR = re.compile(r"^BraTS(20\d\d_\d+|-[A-Z]+-\d+-\d+)$")
 # BraTS 2021 file tokens, and the 2023 ones for the same contrasts.
 _BRATS_TOKENS = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2", "t2w"), "flair": ("flair", "t2f")}
@@ -40,6 +54,21 @@ _LAYOUTS_LOOKED_FOR = (
     "a cases.json manifest, BraTS case folders (BraTS2021_NNNNN/BraTS2021_NNNNN_t1.nii.gz, ..._seg.nii.gz), "
     "IXI files (IXI*-T1.nii.gz, IXI*-T2.nii.gz) or NIfTI/NRRD volumes (.nii, .nii.gz, .nrrd, .nhdr)"
 )
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How BraTS and IXI folders (which carry no split of their own) are split."""
+
+    brats_val_cases: int = BRATS_VAL_CASES
+    holdout_fraction: float = 0.0  # share of IXI subjects held out as "val"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.brats_val_cases < 0:
+            raise UserError(f"--brats-val-cases must be 0 or more, got {self.brats_val_cases}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise UserError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
 
 
 @dataclass
@@ -55,21 +84,28 @@ class Case:
 
 
 def load_cases(
-    source: str | Path, split: str | None = None, contrast: str = "t1", assume_healthy: bool = False
+    source: str | Path,
+    split: str | None = None,
+    contrast: str = "t1",
+    assume_healthy: bool = False,
+    rule: SplitRule | None = None,
 ) -> list[Case]:
     """The cases found at ``source`` (a manifest, a folder in one of the layouts above, or one volume file).
 
-    ``split`` keeps one split of a manifest (layouts without splits are returned whole).
+    ``split`` keeps one split ("all" or None: every case): a manifest's own, or the split ``rule``
+    for BraTS and IXI folders (plain folders are returned whole).
     ``contrast`` picks the image in BraTS and IXI folders and filters manifests.
     ``assume_healthy`` labels mask-less volumes of a plain folder "healthy" instead of unknown.
     Sorted by id. Raises :class:`UserError` when nothing usable is found.
     """
     path = Path(source).expanduser()
     contrast = contrast.lower()
+    rule = rule or SplitRule()
     if contrast not in CONTRASTS:
         raise UserError(f"unknown contrast '{contrast}'; choose one of {', '.join(CONTRASTS)}")
+    split = None if split == ALL_SPLITS else split
     if split is not None and split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)} or {ALL_SPLITS}")
     if not path.exists():
         raise UserError(f"{path}: not found; give a cases.json manifest or a folder of volumes")
     if path.is_file():
@@ -84,15 +120,32 @@ def load_cases(
     elif (path / MANIFEST_NAME).is_file():
         cases = _from_manifest(path / MANIFEST_NAME, split, contrast)
     elif brats_dirs := _brats_case_dirs(path):
-        cases = [_brats_case(folder, contrast) for folder in brats_dirs]
+        cases = _brats_cases(path, brats_dirs, split, contrast, rule)
     elif ixi_files := _ixi_files(path):
-        cases = _ixi_cases(path, ixi_files, contrast)
+        cases = _ixi_cases(path, ixi_files, split, contrast, rule)
     else:
         cases = _plain_folder(path, assume_healthy)
     if not cases:
         raise UserError(f"{path}: no usable cases found; looked for {_LAYOUTS_LOOKED_FOR}")
     _check_unique_ids(path, cases)
     return sorted(cases, key=lambda case: case.id)
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every command reading BraTS/IXI folders shares: the contrast and the split rule."""
+    group = parser.add_argument_group("data sets", SPLIT_RULES_HELP)
+    group.add_argument("--contrast", default="t1", choices=CONTRASTS,
+                       help="image to use in BraTS (t1, t1ce, t2, flair) and IXI (t1, t2, pd) folders and manifests")
+    group.add_argument("--brats-val-cases", type=int, default=BRATS_VAL_CASES, metavar="N",
+                       help=f"BraTS cases (sorted by id) in split val; the rest are test (default {BRATS_VAL_CASES})")
+    group.add_argument("--holdout-fraction", type=float, default=0.0, metavar="F",
+                       help="share of IXI subjects held out as the val split (default 0: all are train)")
+    group.add_argument("--split-seed", type=int, default=0, help="seed of the IXI hold-out (default 0)")
+
+
+def split_rule(args: argparse.Namespace) -> SplitRule:
+    """The :class:`SplitRule` given on the command line (see :func:`add_dataset_arguments`)."""
+    return SplitRule(args.brats_val_cases, args.holdout_fraction, args.split_seed)
 
 
 def load_mask(case: Case, reference: Volume) -> np.ndarray:
@@ -187,15 +240,38 @@ def _brats_file(folder: Path, token: str) -> Path | None:
     return None
 
 
-def _brats_case(folder: Path, contrast: str) -> Case:
+def brats_splits(names: list[str], val_cases: int = BRATS_VAL_CASES) -> dict[str, str]:
+    """The paper's BraTS split of case ids: sorted, the first ``val_cases`` are "val", the rest "test"."""
+    return {name: ("val" if index < val_cases else "test") for index, name in enumerate(sorted(names))}
+
+
+def _brats_cases(path: Path, folders: list[Path], split: str | None, contrast: str, rule: SplitRule) -> list[Case]:
     if contrast not in _BRATS_TOKENS:
         raise UserError(f"BraTS has no '{contrast}' images; choose one of {', '.join(_BRATS_TOKENS)}")
+    if folders == [path]:
+        # One case folder on its own: its place in the dataset, hence its split, is unknown.
+        return [_brats_case(path, contrast, None)]
+    splits = brats_splits([folder.name for folder in folders], rule.brats_val_cases)
+    # The split comes from the folder names alone, so only the chosen cases' files are looked at.
+    chosen = [folder for folder in folders if split is None or splits[folder.name] == split]
+    if not chosen:
+        counts = f"{sum(v == 'val' for v in splits.values())} val, {sum(v == 'test' for v in splits.values())} test"
+        if split == "train":
+            raise UserError(f"{path}: BraTS folders have no train split (only val: the first "
+                            f"{rule.brats_val_cases} cases by id, and test: the rest); use split val, test or all")
+        raise UserError(f"{path}: no BraTS case in split {split} ({len(folders)} cases: {counts}, the first "
+                        f"{rule.brats_val_cases} by id being val); check --brats-val-cases or the split")
+    return [_brats_case(folder, contrast, splits[folder.name]) for folder in chosen]
+
+
+def _brats_case(folder: Path, contrast: str, split: str | None) -> Case:
     image = next((f for t in _BRATS_TOKENS[contrast] if (f := _brats_file(folder, t))), None)
     if image is None:
-        raise UserError(f"{folder}: no {contrast} image ({folder.name}_{contrast}.nii.gz) in this BraTS case")
+        raise UserError(f"{folder}: no {contrast} image ({folder.name}_{contrast}.nii.gz) in this BraTS case; "
+                        "choose another --contrast or remove the case")
     # BraTS validation/test releases have no seg: the case still holds a tumour, its extent is unknown.
     seg = _brats_file(folder, "seg")
-    return Case(folder.name, image, seg, "lesion", None, {"layout": "brats", "contrast": contrast})
+    return Case(folder.name, image, seg, "lesion", split, {"layout": "brats", "contrast": contrast})
 
 
 def _ixi_files(path: Path) -> list[Path]:
@@ -207,17 +283,37 @@ def _ixi_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _ixi_cases(path: Path, files: list[Path], contrast: str) -> list[Case]:
+def holdout_split(subject: str, rule: SplitRule) -> str:
+    """"val" for a seeded ``rule.holdout_fraction`` of subjects, else "train".
+
+    Decided per subject from a hash of (seed, subject), so a subject lands in the same split for
+    every contrast and whatever other subjects are present.
+    """
+    digest = hashlib.sha256(f"{rule.seed}:{subject}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < rule.holdout_fraction else "train"
+
+
+def _ixi_cases(path: Path, files: list[Path], split: str | None, contrast: str, rule: SplitRule) -> list[Case]:
+    if contrast not in IXI_CONTRASTS:
+        raise UserError(f"IXI has no '{contrast}' images (only {', '.join(IXI_CONTRASTS)}); choose another --contrast")
     wanted = contrast.upper()
     cases = []
     for file in files:
         subject, file_contrast = _IXI_FILE.match(file.name).groups()[:2]
         if file_contrast == wanted:
-            cases.append(Case(subject, file, None, "healthy", None, {"layout": "ixi", "contrast": contrast}))
+            meta = {"layout": "ixi", "contrast": contrast}
+            cases.append(Case(subject, file, None, "healthy", holdout_split(subject, rule), meta))
     if not cases:
         present = sorted({_IXI_FILE.match(f.name).group(2) for f in files})
         raise UserError(f"{path}: IXI folder has no {wanted} images (found {', '.join(present)})")
-    return cases
+    chosen = [case for case in cases if split is None or case.split == split]
+    if not chosen:
+        if split == "test":
+            raise UserError(f"{path}: IXI subjects are all healthy and have no test split (train, and val with "
+                            "--holdout-fraction); use split train, val or all")
+        raise UserError(f"{path}: no IXI subject in split {split} (holdout fraction {rule.holdout_fraction:g} of "
+                        f"{len(cases)} subjects); set --holdout-fraction above 0 for a val split")
+    return chosen
 
 
 def _is_mask_name(path: Path) -> bool:

@@ -372,8 +372,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--train", required=True, help="healthy volumes: folder, cases.json, IXI folder or a .txt list")
     p.add_argument("--val", help="validation volumes (lesion cases with masks, and healthy ones for calibration)")
-    p.add_argument("--train-split", default="train", help="split used from a cases.json manifest (default: train)")
-    p.add_argument("--val-split", default="val", help="split used from a cases.json manifest (default: val)")
+    p.add_argument("--train-split", default="train", help="split of --train to use (default: train; all: every case)")
+    p.add_argument("--val-split", default="val", help="split of --val to use (default: val; BraTS: the first 251)")
     p.add_argument("--name", required=True, help="model name (file stem and id)")
     p.add_argument("--output-dir", help="where to write the model (default: the user model folder)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -398,6 +398,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
     p.add_argument("--method", default="simpleslicenet", choices=["simpleslicenet", "u2ad"])
+    from .datasets import add_dataset_arguments
+
+    add_dataset_arguments(p)
     from . import train_u2ad  # imported here: it builds on this module
 
     train_u2ad.add_arguments(p)
@@ -430,12 +433,13 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.resources import user_models_dir
     from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 
-    from .datasets import load_cases
+    from .datasets import load_cases, split_rule
 
-    train_cases = [c for c in load_cases(args.train, split=args.train_split) if c.label != "lesion"]
+    data = {"contrast": args.contrast, "rule": split_rule(args)}
+    train_cases = [c for c in load_cases(args.train, split=args.train_split, **data) if c.label != "lesion"]
     if not train_cases:
         raise UserError(f"{args.train}: no healthy training volumes found")
-    val_cases = load_cases(args.val, split=args.val_split) if args.val else []
+    val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
     shape, spacing = _ints(args.shape or "192,192,96", "shape"), _floats(args.spacing or "1,1,1.5", "spacing")
     if len(shape) != 3 or len(spacing) != 3:
         raise UserError("--shape and --spacing take three values each")

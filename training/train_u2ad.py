@@ -339,14 +339,15 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.resources import user_models_dir
     from SimpleSliceNetLib.u2ad import U2ADConfig, U2ADModel
 
-    from .datasets import load_cases
+    from .datasets import load_cases, split_rule
 
-    train_cases = load_cases(args.train, split=args.train_split)
+    data = {"contrast": args.contrast, "rule": split_rule(args)}
+    train_cases = load_cases(args.train, split=args.train_split, **data)
     abnormal = sum(case.label == "lesion" for case in train_cases)
     if abnormal:
         progress.info(f"same-dataset mode: {abnormal} of {len(train_cases)} training volumes are labelled lesion; "
                       "labels are not used")
-    val_cases = load_cases(args.val, split=args.val_split) if args.val else []
+    val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
     grid = U2ADConfig().preprocess
     shape = _ints(args.shape, "shape") if args.shape else grid.shape
     spacing = _floats(args.spacing, "spacing") if args.spacing else grid.spacing
