@@ -150,6 +150,18 @@ def test_encoder_feature_shape_and_dimensions(imagenet_backbone):
     assert small.out_dim == 32
 
 
+def test_folding_batchnorm_keeps_the_features():
+    encoder = SliceEncoder(EncoderConfig(), build_backbone(EncoderConfig(), "imagenet")).eval()
+    slices = torch.rand(2, 1, 96, 128)
+    with torch.inference_mode():
+        before = encoder(slices)
+    assert encoder.fold_batchnorm() > 10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    with torch.inference_mode():
+        after = encoder(slices)
+    np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=1e-3, atol=1e-4)
+
+
 def test_neighbourhood_features_are_3x3_local_averages(imagenet_backbone):
     k3 = SliceEncoder(EncoderConfig(neighbourhood=3), imagenet_backbone).eval()
     k1 = SliceEncoder(EncoderConfig(neighbourhood=1), imagenet_backbone).eval()

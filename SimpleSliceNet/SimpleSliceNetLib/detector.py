@@ -60,6 +60,8 @@ class Detector:
         self.model = model
         self.device = choose_device(device)
         self.net = build_model(model).to(self.device.name)
+        if isinstance(self.net, SliceNetModel):
+            self.net.encoder.fold_batchnorm()
         self.autocast = autocast_dtype(self.device.name)
         self.load_seconds = time.perf_counter() - started
 
@@ -96,8 +98,7 @@ class Detector:
             nll = self.net.nll_grid(features)
             lap("flow_s")
             coarse = self.net.score_map(nll)
-            heatmap = pre.mapping.coarse(cfg.map_factor).to_input(coarse)
-            heatmap[~pre.input_brain] = 0.0
+            heatmap = pre.mapping.coarse(cfg.map_factor).to_input(coarse, where=pre.input_brain)
             lap("map_s")
         else:
             from .u2ad import analyse

@@ -8,6 +8,7 @@ input's own voxel grid, so every output shares the input's shape and affine exac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -55,11 +56,18 @@ class GridMapping:
     model_affine: np.ndarray
     model_shape: tuple[int, int, int]
 
-    def to_model(self, array: np.ndarray, order: int = 1) -> np.ndarray:
+    def to_model(self, array: np.ndarray | Sequence[np.ndarray], order: int = 1) -> np.ndarray | list[np.ndarray]:
+        """``array`` on the input grid (or a sequence of them: one shared sampling grid) on the model grid."""
         return _resample(array, np.linalg.inv(self.input_affine) @ self.model_affine, self.model_shape, order)
 
-    def to_input(self, array: np.ndarray, order: int = 1) -> np.ndarray:
-        return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order)
+    def to_input(self, array: np.ndarray | Sequence[np.ndarray], order: int = 1,
+                 where: np.ndarray | None = None) -> np.ndarray | list[np.ndarray]:
+        """``array`` on the model grid (or a sequence of them) resampled onto the input grid.
+
+        With ``where`` (bool, input grid) only those voxels are computed and the rest are 0: maps are
+        brain-masked anyway, and the brain is a fraction of a typical input grid.
+        """
+        return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order, where)
 
     def coarse(self, factor: int) -> GridMapping:
         """The same mapping for a model grid ``factor`` times coarser (same field of view).
@@ -74,30 +82,46 @@ class GridMapping:
         return GridMapping(self.input_affine, self.input_shape, self.model_affine @ scale, shape)
 
 
-def _resample(array: np.ndarray, out_to_in: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
+def _resample(
+    array: np.ndarray | Sequence[np.ndarray], out_to_in: np.ndarray, shape: tuple[int, int, int], order: int,
+    where: np.ndarray | None = None,
+) -> np.ndarray | list[np.ndarray]:
     """Resample ``array`` onto a grid of ``shape`` whose voxel o sits at input index ``out_to_in @ o``.
 
-    torch's grid_sample does this several times faster than scipy on a few cores; voxel
-    centres map exactly (align_corners) and points outside the input read as 0.
+    ``array`` is one (X, Y, Z) array or a sequence of them sharing one sampling grid (a list comes
+    back). torch's grid_sample does this several times faster than scipy on a few cores; voxel
+    centres map exactly (align_corners) and points outside the input read as 0. With ``where``,
+    only the output voxels it marks are sampled (the others are 0).
     """
     import torch
     import torch.nn.functional as F
 
-    source = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    arrays = [array] if isinstance(array, np.ndarray) else list(array)
+    source = torch.stack([torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays])[None]
     # grid_sample's coordinates are (x, y, z) = (k, j, i), normalised to [-1, 1] per axis.
     flip = np.eye(4)[[2, 1, 0, 3]]
-    in_size = np.array(array.shape[::-1], dtype=float)
-    out_size = np.array(shape[::-1], dtype=float)
+    in_size = np.array(arrays[0].shape[::-1], dtype=float)
     to_norm = np.diag(np.append(2.0 / (in_size - 1), 1.0))
     to_norm[:3, 3] = -1.0
-    from_norm = np.diag(np.append((out_size - 1) / 2.0, 1.0))
-    from_norm[:3, 3] = (out_size - 1) / 2.0
-    theta = (to_norm @ flip @ out_to_in @ flip @ from_norm)[:3]
-    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32)[None], [1, 1, *shape], align_corners=True)
     mode = "nearest" if order == 0 else "bilinear"
+    if where is None:
+        out_size = np.array(shape[::-1], dtype=float)
+        from_norm = np.diag(np.append((out_size - 1) / 2.0, 1.0))
+        from_norm[:3, 3] = (out_size - 1) / 2.0
+        theta = (to_norm @ flip @ out_to_in @ flip @ from_norm)[:3]
+        grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32)[None], [1, 1, *shape], align_corners=True)
+    else:
+        index = np.nonzero(where)
+        to_grid = (to_norm @ flip @ out_to_in)[:3].astype(np.float32)
+        points = torch.from_numpy(to_grid[:, :3] @ np.stack(index).astype(np.float32) + to_grid[:, 3:])
+        grid = points.T.contiguous().view(1, 1, 1, -1, 3)
     with torch.inference_mode():
-        out = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=True)
-    return out[0, 0].numpy()
+        sampled = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=True)[0].numpy()
+    if where is not None:
+        out = np.zeros((len(arrays), *shape), dtype=np.float32)
+        out[(slice(None), *index)] = sampled[:, 0, 0]
+        sampled = out
+    return sampled[0] if isinstance(array, np.ndarray) else list(sampled)
 
 
 def _inside(out_to_in: np.ndarray, out_shape: tuple[int, int, int], in_shape: tuple[int, int, int]) -> np.ndarray:
@@ -165,8 +189,8 @@ def preprocess(
 
     mapping = GridMapping(volume.affine, data.shape, model_affine(config, _mask_centre(input_mask, volume.affine)),
                           config.shape)
-    image = mapping.to_model(data, order=1)
-    brain = mapping.to_model(input_mask, order=1) > 0.5
+    image, brain = mapping.to_model([data, input_mask], order=1)
+    brain = brain > 0.5
     inside = _inside(np.linalg.inv(mapping.model_affine) @ mapping.input_affine, data.shape, config.shape)
     input_brain = input_mask & inside
     coverage = float(input_brain.sum() / max(int(input_mask.sum()), 1))

@@ -386,15 +386,12 @@ def analyse(net: U2ADModel, pre: Preprocessed, autocast: torch.dtype | None = No
     eu, au = volume_uncertainty(net, pre.image, pre.brain, autocast=autocast)
     lap("reconstruct_s")
     heat = score_map(net.config, au)
-    heatmap = pre.mapping.to_input(heat)
-    heatmap[~pre.input_brain] = 0.0
     if not extras:
+        heatmap = pre.mapping.to_input(heat, where=pre.input_brain)
         lap("map_s")
         return U2ADMaps(heatmap, None, None, [])
-    uncertainty = np.clip(pre.mapping.to_input(eu), 0.0, None)
-    aleatoric = np.clip(pre.mapping.to_input(au), 0.0, None)
-    uncertainty[~pre.input_brain] = 0.0
-    aleatoric[~pre.input_brain] = 0.0
+    heatmap, uncertainty, aleatoric = pre.mapping.to_input([heat, eu, au], where=pre.input_brain)
+    uncertainty, aleatoric = np.clip(uncertainty, 0.0, None), np.clip(aleatoric, 0.0, None)
     slabs = slab_scores(heat, pre.brain, pre, net.config)
     lap("map_s")
     return U2ADMaps(heatmap, uncertainty, aleatoric, slabs)
