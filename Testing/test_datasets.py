@@ -10,7 +10,7 @@ import pytest
 
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.volume_io import load_volume, save_volume
-from SimpleSliceNetTraining.datasets import load_cases, load_mask
+from SimpleSliceNetTraining.datasets import SplitRule, brats_splits, load_cases, load_mask
 
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
 
@@ -202,3 +202,89 @@ def test_text_list_of_volumes(tmp_path):
     listing.write_text("scans/a.nii.gz\nscans/missing.nii.gz\n")
     with pytest.raises(UserError, match=r"train\.txt, line 2: scans/missing\.nii\.gz"):
         load_cases(listing)
+
+
+def _touch_brats(root: Path, case_id: str, tokens=("t1", "t1ce", "t2", "flair", "seg")) -> None:
+    # Empty files: splits and file pairing never read the volumes.
+    folder = root / case_id
+    folder.mkdir(parents=True)
+    for token in tokens:
+        (folder / f"{case_id}_{token}.nii.gz").touch()
+
+
+def test_brats_paper_split_first_251_by_id_are_val(tmp_path):
+    rng = np.random.default_rng(0)
+    # Real BraTS2021 ids have gaps; create the folders in a random order.
+    ids = sorted(rng.choice(1700, size=253, replace=False))
+    names = [f"BraTS2021_{i:05d}" for i in ids]
+    for name in rng.permutation(names):
+        _touch_brats(tmp_path, str(name), ("t1", "t2", "seg") if name == names[-1] else ("t1", "t1ce", "t2", "flair"))
+    val = load_cases(tmp_path, split="val", contrast="flair")
+    assert [c.id for c in val] == names[:251]
+    assert all(c.split == "val" and c.image.name == f"{c.id}_flair.nii.gz" for c in val)
+    # The last test case has no flair: asking for the test split says which case lacks it.
+    with pytest.raises(UserError, match=rf"{names[-1]}: no flair image"):
+        load_cases(tmp_path, split="test", contrast="flair")
+    test = load_cases(tmp_path, split="test", contrast="t2")
+    assert [c.id for c in test] == names[251:]
+    everything = load_cases(tmp_path, split="all", contrast="t1")
+    assert [c.split for c in everything] == ["val"] * 251 + ["test"] * 2
+    assert load_cases(tmp_path, contrast="t1") == everything
+    with pytest.raises(UserError, match="no train split"):
+        load_cases(tmp_path, split="train")
+    small = SplitRule(brats_val_cases=10)
+    assert [c.id for c in load_cases(tmp_path, split="test", rule=small)] == names[10:]
+    assert brats_splits(names[::-1], 2) == {name: "val" if name in names[:2] else "test" for name in names}
+
+
+def test_brats_split_errors_and_single_case_folder(tmp_path):
+    for number in (3, 1, 2):
+        _touch_brats(tmp_path, f"BraTS2021_{number:05d}")
+    with pytest.raises(UserError, match="no BraTS case in split test.*3 val, 0 test"):
+        load_cases(tmp_path, split="test")
+    assert [c.id for c in load_cases(tmp_path, split="test", rule=SplitRule(brats_val_cases=2))] == ["BraTS2021_00003"]
+    # One case folder on its own is taken whatever the split: its place in the data set is unknown.
+    single = load_cases(tmp_path / "BraTS2021_00002", split="test")
+    assert [c.id for c in single] == ["BraTS2021_00002"] and single[0].split is None
+    with pytest.raises(UserError, match="--brats-val-cases"):
+        SplitRule(brats_val_cases=-1)
+
+
+def test_ixi_seeded_holdout_is_stable_across_contrasts(tmp_path):
+    subjects = [f"IXI{100 + i:03d}-Guys-{i:04d}" for i in range(60)]
+    for subject in subjects:
+        for contrast in ("T1", "T2"):
+            (tmp_path / f"{subject}-{contrast}.nii.gz").touch()
+    (tmp_path / f"{subjects[0]}-MRA.nii.gz").touch()  # other IXI modalities are ignored
+    assert [c.split for c in load_cases(tmp_path)] == ["train"] * 60
+    rule = SplitRule(holdout_fraction=0.25, seed=3)
+    val = load_cases(tmp_path, split="val", rule=rule)
+    train = load_cases(tmp_path, split="train", rule=rule)
+    assert 5 <= len(val) <= 25 and len(val) + len(train) == 60
+    assert {c.id for c in val}.isdisjoint(c.id for c in train)
+    assert [c.id for c in load_cases(tmp_path, split="val", contrast="t2", rule=rule)] == [c.id for c in val]
+    assert [c.id for c in load_cases(tmp_path, split="val", rule=SplitRule(holdout_fraction=0.25, seed=3))] == [
+        c.id for c in val
+    ]
+    assert [c.id for c in load_cases(tmp_path, split="val", rule=SplitRule(holdout_fraction=0.25, seed=4))] != [
+        c.id for c in val
+    ]
+    with pytest.raises(UserError, match="no test split"):
+        load_cases(tmp_path, split="test")
+    with pytest.raises(UserError, match="--holdout-fraction"):
+        load_cases(tmp_path, split="val")
+    with pytest.raises(UserError, match="IXI has no 'flair' images"):
+        load_cases(tmp_path, contrast="flair")
+    with pytest.raises(UserError, match="--holdout-fraction"):
+        SplitRule(holdout_fraction=1.0)
+
+
+def test_split_rule_and_contrast_options_on_the_command_line():
+    from conftest import run_cli
+
+    # train and evaluate share the option group (one CLI start is enough; it imports torch).
+    done = run_cli("train", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "first --brats-val-cases (default 251, the paper's) are 'val'" in text
+    assert "--contrast {t1,t1ce,t2,flair,pd}" in text and "--holdout-fraction" in text

@@ -421,13 +421,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "metrics.json, metrics.md, cases.csv, roc.png and pr.png in --output-dir.",
     )
     parser.add_argument("--data", required=True, help="cases.json manifest, BraTS/IXI folder or folder of volumes")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test; 'all' for every case)")
-    parser.add_argument("--contrast", default="t1", help="image to use in BraTS/IXI folders and manifests")
+    parser.add_argument("--split", default="test",
+                        help="split to evaluate (default: test; BraTS: the cases after the first 251; all: every case)")
     parser.add_argument("--model", default=None, help="model name or .json/.safetensors path (default: bundled)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--output-dir", default="evaluation", type=Path, help="where to write the report")
     parser.add_argument("--no-baseline", action="store_true", help="do not score the intensity baseline")
     parser.add_argument("--save-maps", action="store_true", help="also write every heatmap under maps/")
+    from .datasets import add_dataset_arguments
+
+    add_dataset_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -437,9 +440,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.detector import Detector
 
     from .baseline import IntensityBaseline
-    from .datasets import load_cases
+    from .datasets import load_cases, split_rule
 
-    cases = load_cases(args.data, split=None if args.split == "all" else args.split, contrast=args.contrast)
+    cases = load_cases(args.data, split=args.split, contrast=args.contrast, rule=split_rule(args))
     if not cases:
         raise UserError(f"{args.data}: no cases in split '{args.split}'; check --data and --split")
     progress.emit("start", total=len(cases))
