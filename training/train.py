@@ -23,14 +23,23 @@ from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import atomic_path
 
+from .distributed import Context
+
 
 @dataclass
 class TrainConfig:
     epochs: int = 20
     lr: float = 1e-3
-    # Std of the feature noise that makes synthetic anomalies, in units of the healthy
-    # per-channel std (features are standardised).
+    # Std of the feature noise that makes synthetic anomalies: in units of the healthy per-channel
+    # std ("standardised": features are standardised) or of the encoder's raw features ("raw": the
+    # paper's N(0, 0.08^2) is raw).
     noise_sigma: float = 0.3
+    noise_space: str = "standardised"
+    # "spp": focal ML + BGAD's Semi-Push-Pull (the paper); "triplet": the public code's later variant.
+    loss: str = "spp"
+    triplet_margin: float = 1.0
+    # "keep": the flow fits every slab vector; "mask": only vectors whose footprint holds brain.
+    background: str = "keep"
     spp_beta: float = 0.05
     spp_tau: float = 0.1
     spp_normalizer: float = 10.0
@@ -50,6 +59,7 @@ class VolumeItem:
     label: str | None = None
     lesion: np.ndarray | None = None  # bool on the input grid
     pre: object = None  # Preprocessed, for mapping heatmaps back
+    keep: object = None  # torch.Tensor of the flat indices of the vectors the flow fits (None: all)
 
 
 @dataclass
@@ -89,8 +99,41 @@ def semi_push_pull_loss(logp_real, logp_fake, config: TrainConfig, with_spp: boo
     return loss, parts
 
 
-def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float], keep_maps: bool):
-    """Preprocess and encode every case once."""
+def triplet_loss(logp_real, logp_fake, config: TrainConfig):
+    """The public code's later variant: maximum likelihood plus a triplet margin loss on log-likelihoods.
+
+    As in ``MRI_CNF_SimpleNet_3D_triplet_loss``: ML = mean -log sigmoid(log p) of the real features
+    (not focal-weighted); the anchor is the vector of the sub-batch's real log-likelihoods, the
+    positive a random permutation of it, the negative the log-likelihoods of the same features with
+    noise, and ``torch.nn.TripletMarginLoss(margin, p=2)`` compares them. Its inputs are 1-D, so
+    torch treats each as ONE vector: the distances are L2 norms over the sub-batch,
+    max(0, |a - p| - |a - n| + margin). Used from the first epoch, as there. Empty sets add nothing.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    loss = -F.logsigmoid(logp_real).sum() / max(logp_real.numel(), 1)  # 0, still in the graph, when empty
+    parts = {"ml": loss.item()}
+    if logp_real.numel() and logp_real.numel() == logp_fake.numel():
+        positive = logp_real[torch.randperm(logp_real.numel(), device=logp_real.device)]
+        term = F.triplet_margin_loss(logp_real, positive, logp_fake, margin=config.triplet_margin, p=2)
+        loss = loss + term
+        parts["triplet"] = term.item()
+    return loss, parts
+
+
+def flow_loss(logp_real, logp_fake, config: TrainConfig, epoch: int):
+    """The configured training loss (``config.loss``) of one sub-batch; epoch 0 of SPP is ML only."""
+    if config.loss == "triplet":
+        return triplet_loss(logp_real, logp_fake, config)
+    return semi_push_pull_loss(logp_real, logp_fake, config, with_spp=epoch > 0)
+
+
+def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float], keep_maps: bool,
+             brain_only: bool = False):
+    """Preprocess and encode every case once; with ``brain_only`` note which vectors touch the brain."""
+    import torch
+
     from SimpleSliceNetLib.devices import autocast_dtype
     from SimpleSliceNetLib.errors import VolumeError
     from SimpleSliceNetLib.preprocess import preprocess
@@ -108,9 +151,9 @@ def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float
         except VolumeError as exc:
             progress.info(f"skipped: {exc}")
             continue
-        items.append(
-            VolumeItem(case.id, net.features(pre.image, cast).cpu(), case.label, lesion, pre if keep_maps else None)
-        )
+        keep = torch.nonzero(net.slab_brain(pre.brain).flatten())[:, 0] if brain_only else None
+        items.append(VolumeItem(case.id, net.features(pre.image, cast).cpu(), case.label, lesion,
+                                pre if keep_maps else None, keep))
     return items
 
 
@@ -198,7 +241,11 @@ def _load_checkpoint(output: Path, net, optimizer, meta: dict) -> tuple[int, His
     if not (weights.exists() and info.exists()):
         raise UserError(f"{info}: no checkpoint to resume from; run without --resume")
     saved = json.loads(info.read_text())
-    if saved.get("model_config") != meta["model_config"]:
+    saved_config = dict(saved.get("model_config") or {})
+    fresh = _config_dict(type(net.config)())
+    for key in meta["model_config"].keys() - saved_config.keys():  # fields added since: their defaults applied
+        saved_config[key] = fresh.get(key)
+    if saved_config != meta["model_config"]:
         raise UserError(f"{info}: checkpoint was made with another model configuration; resume with the same options")
     tensors = load_file(str(weights))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -221,27 +268,42 @@ def train(
     progress: Progress | None = None,
     resume: bool = False,
     summary: dict | None = None,
-) -> Path:
-    """Fit ``net``'s flow on ``train_cases`` (healthy) and write the model file to ``output``."""
+    context: Context | None = None,
+    debug_dump: Path | None = None,
+) -> Path | None:
+    """Fit ``net``'s flow on ``train_cases`` (healthy) and write the model file to ``output``.
+
+    Under ``torchrun`` (a ``context`` of several ranks) every rank encodes its shard of
+    ``train_cases``, the feature statistics are pooled over all ranks, DDP averages the gradients and
+    rank 0 alone validates, calibrates and writes; it returns the model path there and None elsewhere.
+    ``debug_dump``: a folder where each rank saves its final flow weights (for tests).
+    """
     import torch
 
+    from SimpleSliceNetLib.flow import log_likelihood
+
+    context = context or Context()
     progress = progress or Progress("train", "none")
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    val_cases = val_cases or []
+    torch.manual_seed(config.seed + context.rank)
+    rng = np.random.default_rng(config.seed + context.rank)
+    val_cases = (val_cases or []) if context.is_writer else []
     started = time.perf_counter()
-    train_items = _extract(net, train_cases, progress, "encoding training volumes", (0.0, 0.2), keep_maps=False)
-    if not train_items:
-        raise UserError("no usable training volume; check the training data")
+    train_items = _extract(net, context.shard(train_cases), progress, "encoding training volumes", (0.0, 0.2),
+                           keep_maps=False, brain_only=config.background == "mask")
+    train_volumes, empty_ranks = context.all_reduce(torch.tensor([len(train_items), 0 if train_items else 1])).tolist()
+    if empty_ranks:
+        where = f" on {empty_ranks} of {context.world_size} ranks; use fewer processes or" if context.active else ";"
+        raise UserError(f"no usable training volume{where} check the training data")
     val_items = _extract(net, val_cases, progress, "encoding validation volumes", (0.2, 0.05), keep_maps=True)
 
-    stacked = torch.cat([item.features.reshape(-1, net.dim) for item in train_items])
-    net.feature_mean.copy_(stacked.mean(0))
-    net.feature_std.copy_(stacked.std(0).clamp_min(1e-6))
-    del stacked
+    _feature_statistics(net, train_items, context)
+    mean, std = net.feature_mean.cpu(), net.feature_std.cpu()
     for item in train_items + val_items:
-        item.features = (item.features - net.feature_mean) / net.feature_std
-    position = net.position.reshape(-1, net.position.shape[-1])
+        item.features = (item.features - mean) / std
+    position = net.position.reshape(-1, net.position.shape[-1]).cpu()
+    device = net.feature_mean.device
+    # Noise in raw feature units is noise / std in the standardised units the flow sees.
+    noise = config.noise_sigma if config.noise_space == "standardised" else config.noise_sigma / net.feature_std
 
     optimizer = torch.optim.Adam(net.flow.parameters(), lr=config.lr)
     meta = {"model_config": _config_dict(net.config), "train_config": asdict(config)}
@@ -249,49 +311,71 @@ def train(
     if resume:
         last, history = _load_checkpoint(output, net, optimizer, meta)
         first_epoch = last + 1
+        torch.manual_seed(last + 1 + context.rank)
         progress.info(f"resuming after epoch {last}")
+    flow = net.flow
+    if context.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The flow's buffers (fixed permutations) are equal on all ranks after the initial broadcast.
+        flow = DistributedDataParallel(net.flow, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    log = TrainingLog(output, progress, history, write=context.is_writer)
+    step = int(history.rows[-1].get("step") or 0) if history.rows else 0
     best_state, best_auroc = None, -math.inf
     epoch_seconds = 0.0
     for epoch in range(first_epoch, config.epochs):
         elapsed_min = (time.perf_counter() - started) / 60.0
-        if config.time_budget_min is not None and epoch > first_epoch and \
-                elapsed_min + epoch_seconds / 60.0 > config.time_budget_min:
+        over = config.time_budget_min is not None and epoch > first_epoch and \
+            elapsed_min + epoch_seconds / 60.0 > config.time_budget_min
+        if context.broadcast(over):
             progress.info(f"time budget of {config.time_budget_min:g} min reached after {epoch} epochs")
             break
         epoch_start = time.perf_counter()
         net.flow.train()
-        losses = []
-        order = rng.permutation(len(train_items))
+        groups = _sub_batches(train_items, config.sub_batch, rng, context)
+        sums: dict[str, float] = {}
         span = 0.7 / max(config.epochs - first_epoch, 1)
-        for index in progress.iterate(order, len(order), f"epoch {epoch + 1}/{config.epochs}",
+        for group in progress.iterate(groups, len(groups), f"epoch {epoch + 1}/{config.epochs}",
                                       0.25 + span * (epoch - first_epoch), span):
-            vectors = train_items[index].features.reshape(-1, net.dim)
-            perm = torch.from_numpy(rng.permutation(len(vectors)))
-            for start in range(0, len(perm), config.sub_batch):
-                pick = perm[start : start + config.sub_batch]
-                real, pos = vectors[pick], position[pick]
-                fake = real + config.noise_sigma * torch.randn_like(real)
-                logp = net.log_likelihood(torch.cat([real, fake]), torch.cat([pos, pos]))
-                loss, _parts = semi_push_pull_loss(logp[: len(pick)], logp[len(pick) :], config, epoch > 0)
+            for item, pick in group:
+                flat = pick if item.keep is None else item.keep[pick]
+                real = item.features.reshape(-1, net.dim)[flat].to(device)
+                pos = position[flat].to(device)
+                fake = real + noise * torch.randn_like(real)
+                logp = log_likelihood(flow, torch.cat([real, fake]), torch.cat([pos, pos]))
+                loss, parts = flow_loss(logp[: len(flat)], logp[len(flat) :], config, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                step += 1
+                for key, value in {"loss": loss.item(), **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        # Mean loss (and parts) over the sub-batches of all ranks; every rank took the same number.
+        totals = context.all_reduce(torch.tensor([*sums.values(), sum(len(g) for g in groups)], dtype=torch.float64))
+        losses = {key: float(total / totals[-1]) for key, total in zip(sums, totals[:-1], strict=True)}
         net.flow.eval()
-        metrics = validate(net, val_items) if val_items else {}
-        epoch_seconds = time.perf_counter() - epoch_start
-        row = history.add(epoch=epoch + 1, loss=float(np.mean(losses)),
-                          elapsed_s=round(time.perf_counter() - started, 2), epoch_s=round(epoch_seconds, 2), **metrics)
-        progress.emit("metric", **row)
-        if progress.mode == "bar":
-            progress.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if metrics.get("val_auroc", -math.inf) > best_auroc:
-            best_auroc = metrics["val_auroc"]
+        metrics = validate(net, val_items) if val_items else {}  # only rank 0 holds validation items
+        if context.broadcast(metrics.get("val_auroc", -math.inf) > best_auroc):
+            best_auroc = metrics.get("val_auroc", best_auroc)
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        _save_checkpoint(output, net, optimizer, epoch, history, meta)
+        epoch_seconds = time.perf_counter() - epoch_start
+        log.epoch(step=step, epoch=epoch + 1, **losses, elapsed_s=round(time.perf_counter() - started, 2),
+                  epoch_s=round(epoch_seconds, 2), **metrics)
+        if context.is_writer:
+            _save_checkpoint(output, net, optimizer, epoch, history, meta)
+    log.close()
 
     if best_state is not None:
         net.load_state_dict(best_state)
+    if debug_dump is not None:
+        from safetensors.torch import save_file
+
+        debug_dump.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.flow.state_dict().items()},
+                  str(debug_dump / f"rank{context.rank}.safetensors"))
+    if not context.is_writer:
+        return None
     healthy_val = [item for item in val_items if item.label == "healthy"]
     calibration_items = healthy_val
     if not calibration_items:
@@ -306,8 +390,102 @@ def train(
         net.config.scoring.calibration["threshold_rule"] = "max pooled Dice on validation lesion volumes"
     else:
         net.config.scoring.calibration["threshold_rule"] = f"voxel FPR {config.calibration_fpr:g} on healthy volumes"
+    counts = {"train_volumes": train_volumes, "val_volumes": len(val_items)}
+    if context.active:
+        counts["ranks"] = context.world_size
     return write_trained_model(output, net, "simpleslicenet", _config_dict(net.config), history, config, started,
-                               summary, {"train_volumes": len(train_items), "val_volumes": len(val_items)})
+                               summary, counts)
+
+
+def _feature_statistics(net, items: list[VolumeItem], context: Context) -> None:
+    """Set ``net``'s per-channel feature mean and std from the training vectors of all ranks.
+
+    Two passes in float64 (sums, then squared deviations from the pooled mean), each summed over
+    the ranks, so every rank standardises identically; no copy of all features is made.
+    """
+    import torch
+
+    def vectors(item: VolumeItem):
+        flat = item.features.reshape(-1, net.dim)
+        return (flat if item.keep is None else flat[item.keep]).double()
+
+    sums = torch.zeros(net.dim + 1, dtype=torch.float64)
+    for item in items:
+        v = vectors(item)
+        sums[:-1] += v.sum(0)
+        sums[-1] += len(v)
+    context.all_reduce(sums)
+    mean = sums[:-1] / sums[-1]
+    squares = torch.zeros(net.dim, dtype=torch.float64)
+    for item in items:
+        squares += ((vectors(item) - mean) ** 2).sum(0)
+    context.all_reduce(squares)
+    net.feature_mean.copy_(mean.float())
+    net.feature_std.copy_((squares / (sums[-1] - 1).clamp_min(1)).sqrt().float().clamp_min(1e-6))
+
+
+def _sub_batches(items: list[VolumeItem], size: int, rng: np.random.Generator, context: Context) -> list[list]:
+    """One epoch's sub-batches, grouped by volume: lists of (item, vector indices), volumes shuffled.
+
+    DDP averages the gradients of every optimizer step over the ranks, so all ranks must take the
+    same number of steps: a rank with fewer sub-batches repeats some of its own (with fresh noise).
+    """
+    import torch
+
+    groups = []
+    for index in rng.permutation(len(items)):
+        item = items[index]
+        count = len(item.keep) if item.keep is not None else item.features[..., 0].numel()
+        perm = torch.from_numpy(rng.permutation(count))
+        groups.append([(item, perm[start : start + size]) for start in range(0, count, size)])
+    own = [entry for group in groups for entry in group]
+    steps = int(context.all_reduce(torch.tensor([len(own)]), "max")[0])
+    if steps > len(own):
+        groups.append([own[i % len(own)] for i in range(steps - len(own))])
+    return groups
+
+
+class TrainingLog:
+    """What training records after every epoch, for both methods.
+
+    Each row goes into the history (kept in checkpoints) and the progress stream. The writer (rank 0
+    under torchrun) also rewrites ``NAME.history.csv`` and ``NAME.curves.png`` atomically after every
+    epoch and, when the ``tensorboard`` package is installed, adds the row's numbers as TensorBoard
+    scalars in ``NAME.tb/`` (against the optimizer step).
+    """
+
+    def __init__(self, output: Path, progress: Progress, history: History, write: bool = True) -> None:
+        self.output, self.progress, self.history, self.write = output, progress, history, write
+        self.board = _tensorboard_writer(output.with_suffix(".tb"), progress) if write else None
+
+    def epoch(self, **row) -> dict:
+        self.history.add(**row)
+        self.progress.emit("metric", **row)
+        if self.progress.mode == "bar":
+            self.progress.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items()))
+        if self.write:
+            _write_history(self.output, self.history)
+            if self.board is not None:
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and isinstance(value, int | float):
+                        self.board.add_scalar(key, value, global_step=row.get("step", row["epoch"]))
+                self.board.flush()
+        return row
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def _tensorboard_writer(folder: Path, progress: Progress):
+    """A TensorBoard SummaryWriter on ``folder``, or None (said once) without the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        progress.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard to get them)")
+        return None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def write_trained_model(output: Path, net, method: str, model_config: dict, history: History, train_config,
@@ -353,7 +531,9 @@ def _write_history(output: Path, history: History) -> None:
         return
     from .plots import plot_training_curves
 
-    keys = sorted({key for row in history.rows for key in row}, key=lambda k: (k != "epoch", k))
+    found = {key for row in history.rows for key in row}
+    lead = [key for key in ("epoch", "step", "elapsed_s") if key in found]
+    keys = lead + sorted(found - set(lead))
     with atomic_path(output.with_suffix(".history.csv")) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
@@ -362,6 +542,42 @@ def _write_history(output: Path, history: History) -> None:
 
 
 # --- command line -------------------------------------------------------------------------------
+
+LOSSES = ("spp", "triplet")
+NOISE_SPACES = ("standardised", "raw")
+BACKGROUNDS = ("keep", "mask")
+
+# Defaults of the options a preset may set (None on the command line = not given).
+OPTION_DEFAULTS = {
+    "epochs": TrainConfig.epochs, "lr": TrainConfig.lr, "noise_sigma": TrainConfig.noise_sigma,
+    "noise_space": TrainConfig.noise_space, "loss": TrainConfig.loss, "background": TrainConfig.background,
+    "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
+    "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
+}
+PRESETS = {
+    # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
+    # features; standardised features make that 0.08 / std per channel, which noise_space "raw" applies.
+    # The public code's positional code is 2-D (no slab position). SPP beta/tau are TrainConfig's defaults.
+    "paper": {
+        "backbone": "wide_resnet50_2", "taps": "2,3", "channels_per_tap": 256, "shape": "192,192,96",
+        "spacing": "1,1,1", "blocks": 8, "noise_sigma": 0.08, "noise_space": "raw", "loss": "spp", "epochs": 30,
+        "lr": 1e-3, "group": 3, "aggregation": "mean", "slab_position": False,
+    },
+}
+
+
+def resolve_options(args: argparse.Namespace) -> None:
+    """Fill the options not given on the command line from ``--preset``, then from the defaults."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    if args.preset and args.method != "simpleslicenet":
+        raise UserError(f"--preset {args.preset} configures the simpleslicenet method; drop it with --method u2ad")
+    if args.preset == "paper" and args.encoder_weights is None:
+        raise UserError("--preset paper uses wide_resnet50_2, whose ImageNet weights do not ship offline: add "
+                        "--encoder-weights timm (downloads them; online only) or --encoder-weights FILE "
+                        "(or --encoder-weights none for an untrained encoder, for timing only)")
+    for key in {**OPTION_DEFAULTS, **preset}:
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
 
 
 def add_parser(subparsers) -> None:
@@ -376,28 +592,55 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-split", default="val", help="split of --val to use (default: val; BraTS: the first 251)")
     p.add_argument("--name", required=True, help="model name (file stem and id)")
     p.add_argument("--output-dir", help="where to write the model (default: the user model folder)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="paper: the published configuration (wide_resnet50_2 layer2+layer3, 192x192x96 at 1 mm, "
+                        "512-d, 8 blocks, raw-feature noise 0.08, SPP beta 0.05 tau 0.1, 30 epochs, Adam 1e-3, "
+                        "groups of 3 slices, 2-D position code); needs --encoder-weights timm (online) or FILE. "
+                        "Options given explicitly override the preset")
+    p.add_argument("--epochs", type=int, help=f"(default {TrainConfig.epochs})")
     p.add_argument("--time-budget-min", type=float, help="stop after the epoch that would exceed this many minutes")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--noise-sigma", type=float, default=TrainConfig.noise_sigma)
+    p.add_argument("--lr", type=float, help=f"(default {TrainConfig.lr:g})")
+    p.add_argument("--noise-sigma", type=float,
+                   help=f"std of the feature noise that makes synthetic anomalies (default {TrainConfig.noise_sigma:g}"
+                        ", in --noise-space units)")
+    p.add_argument("--noise-space", choices=NOISE_SPACES,
+                   help="units of --noise-sigma: standardised = the healthy per-channel std (default); raw = the "
+                        "encoder's raw features, as in the paper (its 0.08 is raw)")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="spp: focal ML + Semi-Push-Pull (default, the paper); triplet: ML + triplet margin loss on "
+                        "real vs noisy log-likelihoods (the public code's later variant)")
+    p.add_argument("--triplet-margin", type=float, default=TrainConfig.triplet_margin,
+                   help="margin of --loss triplet (default %(default)g, as in the public code)")
+    p.add_argument("--background", choices=BACKGROUNDS,
+                   help="keep: the flow fits every slab vector (default); mask: only vectors whose cell holds brain "
+                        "voxels of the preprocessed brain mask")
     p.add_argument("--calibration-fpr", type=float, default=TrainConfig.calibration_fpr,
                    help="voxel false-positive rate on healthy validation volumes that sets the threshold")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name with features_only")
-    p.add_argument("--taps", default="2,3", help="feature stages to tap (timm out_indices)")
-    p.add_argument("--channels-per-tap", type=int, default=64)
-    p.add_argument("--encoder-weights", default="imagenet",
-                   help="imagenet (offline package), timm (download: online only), none, or a weights file")
+    p.add_argument("--backbone", help="any timm model name with features_only (default tf_efficientnet_lite0)")
+    p.add_argument("--taps", help="feature stages to tap (timm out_indices; default 2,3)")
+    p.add_argument("--channels-per-tap", type=int, help="channels kept per tap (default 64)")
+    p.add_argument("--encoder-weights", "--encoder", dest="encoder_weights",
+                   help="imagenet (offline package; default), timm (download: online only), none, or a weights file "
+                        "(safetensors with timm names, e.g. from simpleslicenet finetune-encoder)")
     p.add_argument("--shape", help="model grid: in-plane rows, columns, slices (default 192,192,96; u2ad 128,128,64)")
     p.add_argument("--spacing", help="model grid spacing in mm (default 1,1,1.5; u2ad 1.5,1.5,2.4)")
     p.add_argument("--slice-axis", default="axial", choices=["axial", "coronal", "sagittal"])
-    p.add_argument("--group", type=int, default=3, help="consecutive slices averaged into one slab")
-    p.add_argument("--blocks", type=int, default=8, help="flow blocks")
+    p.add_argument("--group", type=int, help="consecutive slices aggregated into one slab vector (default 3)")
+    p.add_argument("--slab-stride", type=int,
+                   help="slices from one slab's start to the next (default: --group, slabs do not overlap; smaller "
+                        "values overlap them)")
+    p.add_argument("--aggregation", choices=["mean", "max"], help="combine a slab's slices by mean (default) or max")
+    p.add_argument("--slab-position", action=argparse.BooleanOptionalAction,
+                   help="condition the flow on the slab's position along the slices too (default; the paper's code "
+                        "encodes the in-plane position only: --no-slab-position)")
+    p.add_argument("--blocks", type=int, help="flow blocks (default 8)")
     p.add_argument("--modality", default="T1")
     p.add_argument("--description", default="")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
     p.add_argument("--method", default="simpleslicenet", choices=["simpleslicenet", "u2ad"])
+    p.add_argument("--debug-dump-dir", type=Path, help=argparse.SUPPRESS)  # each rank's final flow (tests)
     from .datasets import add_dataset_arguments
 
     add_dataset_arguments(p)
@@ -422,10 +665,19 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
+    from . import distributed
+
+    resolve_options(args)
+    context = distributed.from_env()
     if args.method == "u2ad":
+        if context.active:
+            raise UserError("multi-process training (torchrun) is implemented for simpleslicenet; run u2ad training "
+                            "as one process")
         from . import train_u2ad
 
         return train_u2ad.run(args, progress)
+    if not context.is_writer:
+        progress = Progress(progress.task, "none")  # rank 0 reports for the job
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
@@ -447,26 +699,30 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         preprocess=PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis),
         encoder=EncoderConfig(backbone=args.backbone, taps=_ints(args.taps, "taps"),
                               channels_per_tap=args.channels_per_tap),
-        flow=FlowConfig(blocks=args.blocks),
+        flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
         group=args.group,
+        slab_stride=args.slab_stride,
+        aggregation=args.aggregation,
     )
-    if args.encoder_weights == "imagenet":
-        from SimpleSliceNetLib.encoder import OFFLINE_WEIGHTS
-
-        if args.backbone in OFFLINE_WEIGHTS:
-            entry = OFFLINE_WEIGHTS[args.backbone]
-            config.encoder.mean, config.encoder.std = entry.mean, entry.std
+    config.encoder.mean, config.encoder.std = _input_normalisation(args.backbone, args.encoder_weights,
+                                                                   config.encoder.mean, config.encoder.std)
     device = choose_device(args.device)
     if device.note:
         progress.info(device.note)
+    backend = distributed.init(context, device.name)
+    if context.active:
+        progress.info(f"distributed training: {context.world_size} processes ({backend}); training volumes sharded "
+                      "by rank, rank 0 validates and writes")
     try:
         net = SliceNetModel(config, encoder_weights=args.encoder_weights).to(device.name)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     output_dir = Path(args.output_dir) if args.output_dir else user_models_dir()
     output = output_dir / f"{args.name}.json"
-    train_config = TrainConfig(epochs=args.epochs, lr=args.lr, noise_sigma=args.noise_sigma, seed=args.seed,
-                               calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min)
+    train_config = TrainConfig(epochs=args.epochs, lr=args.lr, noise_sigma=args.noise_sigma,
+                               noise_space=args.noise_space, loss=args.loss, triplet_margin=args.triplet_margin,
+                               background=args.background, seed=args.seed, calibration_fpr=args.calibration_fpr,
+                               time_budget_min=args.time_budget_min)
     summary = {
         "name": args.name,
         "modality": args.modality,
@@ -474,11 +730,36 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         "train_source": str(args.train),
         "val_source": str(args.val) if args.val else None,
         "encoder_weights": args.encoder_weights,
+        "preset": args.preset,
         "command": "simpleslicenet " + " ".join(sys.argv[1:]),
     }
     progress.emit("start", total=args.epochs)
-    path = train(train_cases, output, net, train_config, val_cases, progress, args.resume, summary)
+    try:
+        path = train(train_cases, output, net, train_config, val_cases, progress, args.resume, summary, context,
+                     args.debug_dump_dir)
+        context.barrier()  # the job ends when rank 0 has written the model
+    finally:
+        distributed.cleanup(context)
+    if path is None:
+        return 0
     progress.emit("output", files={"model": str(path)})
     progress.emit("done", ok=1, failed=0, elapsed_s=round(progress.elapsed, 1))
     print(f"model written: {path}", file=sys.stderr)
     return 0
+
+
+def _input_normalisation(backbone: str, weights: str, mean: tuple, std: tuple) -> tuple[tuple, tuple]:
+    """The image mean/std the backbone's weights expect: the offline package's, else timm's ImageNet ones.
+
+    A fine-tuned encoder file keeps the normalisation of the ImageNet weights it started from.
+    """
+    from SimpleSliceNetLib.encoder import OFFLINE_WEIGHTS
+
+    if weights == "imagenet" and backbone in OFFLINE_WEIGHTS:
+        return OFFLINE_WEIGHTS[backbone].mean, OFFLINE_WEIGHTS[backbone].std
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(backbone)
+    if cfg is None or not cfg.mean or len(cfg.mean) != 3:
+        return mean, std
+    return tuple(cfg.mean), tuple(cfg.std)

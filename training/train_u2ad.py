@@ -32,6 +32,7 @@ from SimpleSliceNetLib.progress import Progress
 
 from .train import (
     History,
+    TrainingLog,
     VolumeItem,
     _floats,
     _ints,
@@ -224,6 +225,7 @@ def train_u2ad(
         progress.info(f"resuming after epoch {last}")
     per_epoch = math.ceil(len(slices.tokens) / config.batch_slices)
     total_steps = per_epoch * config.epochs
+    log = TrainingLog(output, progress, history)
     best_state, best_auroc = None, -math.inf
     epoch_seconds = 0.0
     net.train()
@@ -276,17 +278,15 @@ def train_u2ad(
         if scored_val and (last_epoch or (epoch + 1) % config.mc_every == 0):
             metrics = validate(net, val_items, heatmap=_heatmap)
         epoch_seconds = time.perf_counter() - epoch_start
-        row = history.add(epoch=epoch + 1, phase=current, loss=float(np.mean(losses)), l1=float(np.mean(l1s)),
-                          edge=float(np.mean(edges)), elapsed_s=round(time.perf_counter() - started, 2),
-                          epoch_s=round(epoch_seconds, 2), **mc_row, **metrics)
-        progress.emit("metric", **row)
-        if progress.mode == "bar":
-            progress.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        log.epoch(step=(epoch + 1) * per_epoch, epoch=epoch + 1, phase=current, loss=float(np.mean(losses)),
+                  l1=float(np.mean(l1s)), edge=float(np.mean(edges)), elapsed_s=round(time.perf_counter() - started, 2),
+                  epoch_s=round(epoch_seconds, 2), **mc_row, **metrics)
         if metrics.get("val_auroc", -math.inf) > best_auroc:
             best_auroc = metrics["val_auroc"]
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         _save_checkpoint(output, net, optimizer, epoch, history, meta)
 
+    log.close()
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()

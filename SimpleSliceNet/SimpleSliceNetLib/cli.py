@@ -33,7 +33,21 @@ def _add_detect(subparsers) -> None:
                    help="brain mask on the input's grid (once per input, in order; default: non-zero voxels)")
     p.add_argument("--min-lesion-ml", type=float, default=0.1, help="drop findings smaller than this (mL)")
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
+    p.add_argument("--shard", metavar="I/N",
+                   help="process only inputs I, I+N, I+2N, ... (1-based) of the sorted input list, so N processes "
+                        "or machines given the same inputs cover each exactly once")
     p.set_defaults(func=run_detect)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` (1 <= i <= n) -> (i, n); anything else is a UserError."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard expects I/N with whole numbers, e.g. 2/4; got {text!r}") from None
+    if not 1 <= index <= count:
+        raise UserError(f"--shard {text}: need 1 <= I <= N, e.g. --shard 1/4 ... --shard 4/4")
+    return index, count
 
 
 def run_detect(args: argparse.Namespace, progress: Progress) -> int:
@@ -44,25 +58,36 @@ def run_detect(args: argparse.Namespace, progress: Progress) -> int:
 
     if args.mask and len(args.mask) != len(args.inputs):
         raise UserError(f"--mask given {len(args.mask)} times for {len(args.inputs)} inputs; give one per input")
+    # A stem already taken by an earlier input (in the order given) would overwrite its outputs; decided
+    # over all inputs, so every shard refuses the same ones.
+    taken: dict[str, str] = {}
+    collides: dict[int, str] = {}  # input position -> the earlier input with its stem
+    for position, input_path in enumerate(args.inputs):
+        stem = volume_stem(input_path)
+        if stem in taken:
+            collides[position] = taken[stem]
+        else:
+            taken[stem] = input_path
+    jobs = list(zip(range(len(args.inputs)), args.inputs, args.mask or [None] * len(args.inputs), strict=True))
+    if args.shard:
+        index, count = parse_shard(args.shard)
+        jobs = sorted(jobs, key=lambda job: (job[1], job[0]))[index - 1 :: count]
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --output-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress.emit("start", total=len(args.inputs))
+    progress.emit("start", total=len(jobs))
     detector = Detector.load(args.model, args.device)
     if detector.device.note:
         progress.info(detector.device.note)
     threshold = detector.threshold if args.threshold is None else float(args.threshold)
-    seen: dict[str, str] = {}
     ok = failed = 0
-    masks = args.mask or [None] * len(args.inputs)
-    for input_path, mask_path in progress.iterate(list(zip(args.inputs, masks, strict=True)), len(args.inputs),
-                                                  "detecting"):
+    for position, input_path, mask_path in progress.iterate(jobs, len(jobs), "detecting"):
         stem = volume_stem(input_path)
         try:
-            if stem in seen:
-                raise UserError(f"{input_path}: same file name stem '{stem}' as {seen[stem]}; outputs would collide")
-            seen[stem] = input_path
+            if position in collides:
+                raise UserError(f"{input_path}: same file name stem '{stem}' as {collides[position]}; outputs would "
+                                "collide")
             started = time.perf_counter()
             volume = load_volume(input_path)
             mask = load_volume(mask_path).array > 0 if mask_path else None

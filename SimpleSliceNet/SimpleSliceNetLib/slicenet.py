@@ -15,6 +15,8 @@ from .encoder import EncoderConfig, SliceEncoder, build_backbone
 from .flow import FlowConfig, build_flow, log_likelihood, positional_encoding
 from .preprocess import PreprocessConfig
 
+AGGREGATIONS = ("mean", "max")
+
 
 @dataclass
 class ScoringConfig:
@@ -35,14 +37,28 @@ class SliceNetConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    # Consecutive slices averaged into one slab vector (permutation-invariant aggregation).
+    # Consecutive slices aggregated into one slab vector (permutation-invariant aggregation).
     group: int = 3
     batch_slices: int = 48
     # The heatmap is computed on the model grid coarsened by this factor: it is smooth anyway.
     map_factor: int = 2
+    # Slices between the starts of consecutive slabs; None = ``group`` (non-overlapping slabs, the
+    # paper's). Smaller values make slabs overlap.
+    slab_stride: int | None = None
+    # How the slices of a slab are combined: "mean" (the paper's) or "max" (per channel).
+    aggregation: str = "mean"
+
+    @property
+    def stride(self) -> int:
+        return self.group if self.slab_stride is None else self.slab_stride
+
+    def slabs(self, slices: int) -> int:
+        """Number of slabs along a stack of ``slices``."""
+        return (slices - self.group) // self.stride + 1
 
     @classmethod
     def from_dict(cls, data: dict) -> SliceNetConfig:
+        stride = data.get("slab_stride")  # absent in files written before slabs could overlap
         return cls(
             preprocess=PreprocessConfig(**data["preprocess"]),
             encoder=EncoderConfig(**data["encoder"]),
@@ -51,6 +67,8 @@ class SliceNetConfig:
             group=int(data["group"]),
             batch_slices=int(data.get("batch_slices", 48)),
             map_factor=int(data.get("map_factor", 2)),
+            slab_stride=None if stride is None else int(stride),
+            aggregation=str(data.get("aggregation", "mean")),
         )
 
 
@@ -60,8 +78,12 @@ class SliceNetModel(nn.Module):
     def __init__(self, config: SliceNetConfig, encoder_weights: str = "none") -> None:
         super().__init__()
         shape = config.preprocess.shape
-        if shape[2] % config.group:
-            raise ValueError(f"{shape[2]} slices do not split into groups of {config.group}")
+        group, stride = config.group, config.stride
+        if not 1 <= stride <= group <= shape[2] or (shape[2] - group) % stride:
+            raise ValueError(f"{shape[2]} slices do not split into groups of {group} slices starting every "
+                             f"{stride} (need 1 <= stride <= group <= slices and stride dividing slices - group)")
+        if config.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {config.aggregation!r}")
         self.config = config
         self.encoder = SliceEncoder(config.encoder, build_backbone(config.encoder, encoder_weights))
         dim = self.encoder.out_dim
@@ -71,7 +93,7 @@ class SliceNetModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(dim))
         self.flow = build_flow(dim, config.flow)
         h, w = (s // self.encoder.reduction for s in shape[:2])
-        code = positional_encoding(h, w, shape[2] // config.group, config.flow.pos_dim, config.flow.pos_depth)
+        code = positional_encoding(h, w, config.slabs(shape[2]), config.flow.pos_dim, config.flow.pos_depth)
         self.register_buffer("position", code, persistent=False)
 
     @property
@@ -79,7 +101,7 @@ class SliceNetModel(nn.Module):
         return self.encoder.out_dim
 
     def features(self, image: np.ndarray, autocast: torch.dtype | None = None) -> torch.Tensor:
-        """Model-grid image (X, Y, Z) in [0, 1] -> standardised slab vectors (h, w, Z/group, C)."""
+        """Model-grid image (X, Y, Z) in [0, 1] -> standardised slab vectors (h, w, slabs, C)."""
         device = self.feature_mean.device
         # The encoder is frozen: its BatchNorm layers must use their ImageNet running statistics
         # even while the flow trains (train mode would use, and overwrite, per-batch statistics).
@@ -90,11 +112,26 @@ class SliceNetModel(nn.Module):
         with torch.inference_mode(), context:
             for start in range(0, slices.shape[0], self.config.batch_slices):
                 outs.append(self.encoder(slices[start : start + self.config.batch_slices].to(device)).float())
-        feats = torch.cat(outs)  # (Z, C, h, w)
-        z, c, h, w = feats.shape
-        slabs = feats.view(z // self.config.group, self.config.group, c, h, w).mean(dim=1)
+        slabs = self.aggregate(torch.cat(outs))  # (slabs, C, h, w)
         slabs = slabs.permute(2, 3, 0, 1)  # (h, w, slabs, C)
         return ((slabs - self.feature_mean) / self.feature_std).clone()
+
+    def aggregate(self, per_slice: torch.Tensor, how: str | None = None) -> torch.Tensor:
+        """(Z, ...) per-slice values -> (slabs, ...): slab j combines slices j*stride .. j*stride + group - 1."""
+        windows = per_slice.unfold(0, self.config.group, self.config.stride)  # (slabs, ..., group)
+        return windows.amax(-1) if (how or self.config.aggregation) == "max" else windows.mean(-1)
+
+    def slab_brain(self, brain: np.ndarray) -> torch.Tensor:
+        """Model-grid brain mask (X, Y, Z) -> bool (h, w, slabs): slab vectors whose footprint holds brain.
+
+        The footprint of a vector is the ``reduction`` x ``reduction`` pixels of its feature cell in the
+        slab's slices. Vectors that straddle the brain's edge count as brain: detection scores them.
+        """
+        h, w = self.position.shape[:2]
+        r = self.encoder.reduction
+        slices = torch.from_numpy(np.ascontiguousarray(brain.transpose(2, 0, 1)))[:, None].float()
+        cells = F.max_pool2d(slices, r, ceil_mode=True)[:, 0, :h, :w]  # (Z, h, w)
+        return self.aggregate(cells, how="max").permute(1, 2, 0) > 0
 
     def log_likelihood(self, vectors: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return log_likelihood(self.flow, vectors, position)
@@ -111,10 +148,31 @@ class SliceNetModel(nn.Module):
         """Upsampled, smoothed, calibrated heatmap on the map grid (model grid / ``map_factor``)."""
         cfg = self.config
         shape = [n // cfg.map_factor for n in cfg.preprocess.shape]
-        up = F.interpolate(nll[None, None].float(), size=shape, mode="trilinear", align_corners=False)
+        if cfg.stride == cfg.group:
+            # Slabs tile the slices: trilinear resizing puts every slab value at its slab's centre.
+            up = F.interpolate(nll[None, None].float(), size=shape, mode="trilinear", align_corners=False)
+        else:
+            up = self._overlapping_slabs_to_map(nll.float(), shape)[None, None]
         sigma = [cfg.scoring.smoothing_mm / (s * cfg.map_factor) for s in cfg.preprocess.spacing]
         smooth = gaussian_smooth(up, sigma)[0, 0].cpu().numpy()
         return ((smooth - cfg.scoring.offset) / cfg.scoring.scale).astype(np.float32)
+
+    def _overlapping_slabs_to_map(self, nll: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        """(h, w, slabs) -> map grid ``shape``: bilinear in-plane, linear between slab centres along the slices.
+
+        Slab j is centred on model slice j*stride + (group-1)/2 and map slice c on model slice
+        f*c + (f-1)/2 (f = map_factor); beyond the first and last slab centres the value is held, as
+        trilinear resizing does for tiling slabs.
+        """
+        cfg, f = self.config, self.config.map_factor
+        plane = F.interpolate(nll.permute(2, 0, 1)[None], size=shape[:2], mode="bilinear", align_corners=False)[0]
+        n = plane.shape[0]
+        centre = (f * torch.arange(shape[2], dtype=torch.float32, device=nll.device) + (f - 1) / 2.0)
+        u = ((centre - (cfg.group - 1) / 2.0) / cfg.stride).clamp(0, n - 1)
+        lo = u.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        t = (u - lo).view(-1, 1, 1)
+        return (plane[lo] * (1 - t) + plane[hi] * t).permute(1, 2, 0)
 
 
 def gaussian_smooth(volume: torch.Tensor, sigma: list[float]) -> torch.Tensor:

@@ -1,0 +1,363 @@
+"""Training options: the two losses, overlapping/max slab aggregation and where slabs land in the map,
+background masking, the paper preset, the per-epoch log and checkpoints from before these options."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+
+from SimpleSliceNetLib.cli import build_parser
+from SimpleSliceNetLib.errors import UserError
+from SimpleSliceNetLib.flow import FlowConfig
+from SimpleSliceNetLib.model_file import read_model_file
+from SimpleSliceNetLib.preprocess import PreprocessConfig
+from SimpleSliceNetLib.progress import Progress
+from SimpleSliceNetLib.resources import bundled_models_dir
+from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
+from SimpleSliceNetTraining import train
+from SimpleSliceNetTraining.distributed import Context
+from SimpleSliceNetTraining.train import (
+    History,
+    TrainConfig,
+    TrainingLog,
+    VolumeItem,
+    flow_loss,
+    semi_push_pull_loss,
+    triplet_loss,
+)
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def _logps(seed: int, n: int = 400, fake_shift: float = -0.5):
+    g = torch.Generator().manual_seed(seed)
+    real = (0.3 * torch.randn(n, generator=g) - 1.0).requires_grad_()
+    fake = (real.detach() + fake_shift + 0.3 * torch.randn(n, generator=g)).requires_grad_()
+    return real, fake
+
+
+def test_spp_gradients_pull_reals_up_and_push_fakes_above_the_boundary_down():
+    config = TrainConfig()
+    real, fake = _logps(0)
+    loss, parts = semi_push_pull_loss(real, fake, config, with_spp=True)
+    loss.backward()
+    assert set(parts) == {"ml", "pull", "push"} and parts["pull"] > 0 and parts["push"] > 0
+    assert (real.grad < 0).all()  # every real log-likelihood is pushed up (the ML term)
+    b_a = torch.quantile(real.detach() / config.spp_normalizer, config.spp_beta) - config.spp_tau
+    above = fake.detach() / config.spp_normalizer > b_a
+    assert above.any() and (~above).any()
+    assert (fake.grad[above] > 0).all() and (fake.grad[~above] == 0).all()
+
+
+def test_spp_epoch_zero_is_maximum_likelihood_only():
+    real, fake = _logps(1)
+    loss, parts = flow_loss(real, fake, TrainConfig(), epoch=0)
+    loss.backward()
+    assert set(parts) == {"ml"} and fake.grad is None
+
+
+def test_spp_empty_sets_add_nothing():
+    config = TrainConfig()
+    real = torch.full((64,), -1.0, requires_grad=True)  # no real value below its own quantile
+    fake = torch.full((64,), -50.0, requires_grad=True)  # every fake far below the abnormal boundary
+    loss, parts = semi_push_pull_loss(real, fake, config, with_spp=True)
+    loss.backward()
+    assert torch.isfinite(loss) and parts["pull"] == 0.0 and parts["push"] == 0.0
+    assert torch.isfinite(real.grad).all() and fake.grad is None  # no term reaches the fakes
+
+
+def test_triplet_loss_is_the_public_codes_triplet_margin_loss_on_log_likelihood_vectors():
+    config = TrainConfig(loss="triplet", triplet_margin=1.0)
+    real, fake = _logps(2, fake_shift=-0.01)
+    torch.manual_seed(5)
+    loss, parts = triplet_loss(real, fake, config)
+    torch.manual_seed(5)
+    positive = real.detach()[torch.randperm(real.numel())]
+    a, n = real.detach(), fake.detach()
+    # torch's pairwise distance adds eps=1e-6 to the difference; the 1-D inputs are ONE vector each.
+    d_ap, d_an = torch.linalg.norm(a - positive + 1e-6), torch.linalg.norm(a - n + 1e-6)
+    expected_triplet = torch.clamp(d_ap - d_an + config.triplet_margin, min=0)
+    expected_ml = -F.logsigmoid(a).mean()
+    assert parts["triplet"] == pytest.approx(float(expected_triplet), rel=1e-5)
+    assert parts["ml"] == pytest.approx(float(expected_ml), rel=1e-5)
+    assert loss.item() == pytest.approx(float(expected_triplet + expected_ml), rel=1e-5)
+    loss.backward()
+    # With fakes below their reals and the hinge active, descent pushes every fake further down.
+    assert expected_triplet > 0 and ((fake.grad > 0) == (a > n)).all()
+
+
+def test_triplet_is_used_from_the_first_epoch_and_empty_sets_stay_finite():
+    real, fake = _logps(3)
+    _loss, parts = flow_loss(real, fake, TrainConfig(loss="triplet"), epoch=0)
+    assert set(parts) == {"ml", "triplet"}
+    empty = torch.zeros(0, requires_grad=True)
+    loss, parts = triplet_loss(empty, torch.zeros(0), TrainConfig(loss="triplet"))
+    loss.backward()
+    assert float(loss) == 0.0 and parts == {"ml": 0.0}
+
+
+# --- slab aggregation and geometry ---------------------------------------------------------------
+
+
+def _config(shape=(64, 48, 24), group=3, stride=None, aggregation="mean", map_factor=2) -> SliceNetConfig:
+    return SliceNetConfig(preprocess=PreprocessConfig(shape=shape, spacing=(3.0, 3.0, 6.0)), flow=FlowConfig(blocks=1),
+                          group=group, slab_stride=stride, aggregation=aggregation, map_factor=map_factor)
+
+
+def test_overlapping_slabs_and_max_aggregation_of_slice_features():
+    torch.manual_seed(0)
+    net = SliceNetModel(_config(group=4, stride=2, aggregation="max"), encoder_weights="none").eval()
+    assert net.config.slabs(24) == 11
+    image = np.random.default_rng(0).uniform(0, 1, (64, 48, 24)).astype(np.float32)
+    features = net.features(image)
+    assert features.shape == (8, 6, 11, net.dim) and net.position.shape == (8, 6, 11, 128)
+    with torch.inference_mode():
+        per_slice = net.encoder(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[:, None])
+    # Slab 3 is slices 6..9, combined by their per-channel maximum.
+    torch.testing.assert_close(features[:, :, 3], per_slice[6:10].amax(0).permute(1, 2, 0), rtol=1e-4, atol=1e-4)
+    assert net.score_map(net.nll_grid(features)).shape == (32, 24, 12)
+
+
+@pytest.mark.parametrize("group, stride", [(3, 4), (3, 0), (4, 3), (30, 30)])
+def test_slab_layouts_that_do_not_cover_the_slices_are_refused(group, stride):
+    with pytest.raises(ValueError, match="groups"):
+        SliceNetModel(_config(group=group, stride=stride), encoder_weights="none")
+
+
+def test_overlapping_map_path_agrees_with_trilinear_resizing_for_tiling_slabs():
+    net = SliceNetModel(_config(group=3), encoder_weights="none")
+    nll = torch.rand(8, 6, 8)
+    expected = F.interpolate(nll[None, None], size=[32, 24, 12], mode="trilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(net._overlapping_slabs_to_map(nll, [32, 24, 12]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group, stride, factor", [(3, 3, 2), (3, 1, 1), (6, 2, 1), (4, 2, 2), (3, 1, 2)])
+@pytest.mark.parametrize("lesion_slice", [7, 10, 13])
+def test_a_lesion_in_one_slice_peaks_in_the_map_at_that_slice(group, stride, factor, lesion_slice):
+    """Per-slice anomaly -> slab values (the model's aggregation) -> map: its centre of mass along the
+    slices is the lesion's slice, within half a slab step (exactly where slabs overlap symmetrically)."""
+    config = _config(group=group, stride=stride, map_factor=factor)
+    config.scoring.smoothing_mm = 0.0
+    net = SliceNetModel(config, encoder_weights="none")
+    per_slice = torch.zeros(24, 8, 6)
+    per_slice[lesion_slice] = 1.0
+    slabs = net.aggregate(per_slice).permute(1, 2, 0)  # (h, w, slabs)
+    profile = net.score_map(slabs)[16, 12].astype(np.float64)  # along the map's slices
+    centres = factor * np.arange(profile.size) + (factor - 1) / 2.0  # in model slices
+    centre_of_mass = float((profile * centres).sum() / profile.sum())
+    assert abs(centre_of_mass - lesion_slice) <= stride / 2.0 + (factor - 1) / 2.0 + 1e-6
+    if stride == 1 and factor == 1:
+        assert centre_of_mass == pytest.approx(lesion_slice, abs=1e-4)
+        assert profile[lesion_slice] == pytest.approx(profile.max())
+
+
+def test_slab_brain_marks_vectors_whose_cells_hold_brain():
+    net = SliceNetModel(_config(group=3, stride=1), encoder_weights="none")
+    brain = np.zeros((64, 48, 24), dtype=bool)
+    brain[17:30, 8:9, 10:11] = True  # feature cells of 8 pixels: rows 2..3, column 1; slice 10
+    marked = net.slab_brain(brain)
+    assert marked.shape == (8, 6, 22)
+    expected = torch.zeros(8, 6, 22, dtype=torch.bool)
+    expected[2:4, 1, 8:11] = True  # slabs starting at slices 8, 9, 10 contain slice 10
+    assert torch.equal(marked, expected)
+
+
+def test_old_model_files_load_with_the_tiling_mean_slabs():
+    model = read_model_file(bundled_models_dir() / "simpleslicenet-t1-synth.json")
+    assert "slab_stride" not in model.config and "aggregation" not in model.config
+    config = SliceNetConfig.from_dict(model.config)
+    assert (config.slab_stride, config.stride, config.aggregation) == (None, 3, "mean")
+    new = _config(group=4, stride=2, aggregation="max")
+    assert SliceNetConfig.from_dict(json.loads(json.dumps(asdict(new)))) == new
+
+
+# --- background masking, feature statistics and equal steps per rank -----------------------------
+
+
+def _items(seed: int = 0) -> list[VolumeItem]:
+    g = torch.Generator().manual_seed(seed)
+    items = [VolumeItem(f"v{i}", torch.randn(4, 3, 5, 6, generator=g) * (i + 1) + i) for i in range(3)]
+    items[1].keep = torch.tensor([0, 5, 7, 30, 59])
+    return items
+
+
+class _FakeNet:
+    dim = 6
+
+    def __init__(self) -> None:
+        self.feature_mean, self.feature_std = torch.zeros(6), torch.ones(6)
+
+
+def test_feature_statistics_use_the_kept_vectors_of_every_volume():
+    items, net = _items(), _FakeNet()
+    train._feature_statistics(net, items, Context())
+    vectors = torch.cat([it.features.reshape(-1, 6) if it.keep is None else it.features.reshape(-1, 6)[it.keep]
+                         for it in items])
+    torch.testing.assert_close(net.feature_mean, vectors.mean(0))
+    torch.testing.assert_close(net.feature_std, vectors.std(0))
+
+
+class _WiderJob(Context):
+    """A rank whose busiest peer has ``steps`` sub-batches (what the max all-reduce would return)."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "steps", steps)
+
+    def all_reduce(self, tensor, op="sum"):
+        if op == "max":
+            tensor.fill_(self.steps)
+        return tensor
+
+
+def test_sub_batches_cover_each_kept_vector_once_and_pad_to_the_busiest_rank():
+    items = _items()
+    groups = train._sub_batches(items, 16, np.random.default_rng(0), Context())
+    assert len(groups) == 3
+    for item in items:
+        picks = torch.cat([pick for group in groups for it, pick in group if it is item])
+        count = len(item.keep) if item.keep is not None else 60
+        assert sorted(picks.tolist()) == list(range(count))
+    own = sum(len(g) for g in groups)
+    padded = train._sub_batches(items, 16, np.random.default_rng(0), _WiderJob(own + 12))
+    assert sum(len(g) for g in padded) == own + 12 and len(padded) == 4
+    first = [(it.id, pick.tolist()) for group in padded[:3] for it, pick in group]
+    assert [(it.id, pick.tolist()) for it, pick in padded[3]] == (first * 2)[:12]  # repeats its own, in order
+
+
+# --- options and the paper preset ----------------------------------------------------------------
+
+
+def _train_args(*extra: str):
+    return build_parser().parse_args(["train", "--train", "x", "--name", "m", *extra])
+
+
+def test_defaults_are_todays_configuration():
+    args = _train_args()
+    train.resolve_options(args)
+    assert (args.epochs, args.lr, args.noise_sigma, args.noise_space, args.loss, args.background) == \
+        (20, 1e-3, 0.3, "standardised", "spp", "keep")
+    assert (args.backbone, args.taps, args.channels_per_tap, args.encoder_weights) == \
+        ("tf_efficientnet_lite0", "2,3", 64, "imagenet")
+    assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
+        (3, None, "mean", True, 8)
+    assert args.shape is None and args.spacing is None
+
+
+def test_paper_preset_with_explicit_overrides_and_the_encoder_alias(tmp_path):
+    args = _train_args("--preset", "paper", "--encoder", str(tmp_path / "edc.safetensors"), "--epochs", "5",
+                       "--loss", "triplet")
+    train.resolve_options(args)
+    assert args.encoder_weights == str(tmp_path / "edc.safetensors")
+    assert (args.epochs, args.loss) == (5, "triplet")  # given explicitly
+    assert (args.backbone, args.taps, args.channels_per_tap, args.shape, args.spacing) == \
+        ("wide_resnet50_2", "2,3", 256, "192,192,96", "1,1,1")
+    assert (args.noise_sigma, args.noise_space, args.lr, args.group, args.blocks, args.slab_position) == \
+        (0.08, "raw", 1e-3, 3, 8, False)
+    config = TrainConfig()
+    assert (config.spp_beta, config.spp_tau, config.sub_batch) == (0.05, 0.1, 4096)
+
+
+def test_paper_preset_needs_weights_unless_none_is_asked_for():
+    with pytest.raises(UserError, match="--encoder-weights timm"):
+        train.resolve_options(_train_args("--preset", "paper"))
+    args = _train_args("--preset", "paper", "--encoder-weights", "none")
+    train.resolve_options(args)
+    assert args.encoder_weights == "none"
+    with pytest.raises(UserError, match="u2ad"):
+        train.resolve_options(_train_args("--preset", "paper", "--encoder-weights", "none", "--method", "u2ad"))
+
+
+def test_paper_preset_builds_the_published_model_with_imagenet_normalisation():
+    args = _train_args("--preset", "paper", "--encoder-weights", "none")
+    train.resolve_options(args)
+    mean, std = train._input_normalisation(args.backbone, args.encoder_weights, (0.5,) * 3, (0.5,) * 3)
+    assert mean == (0.485, 0.456, 0.406) and std == (0.229, 0.224, 0.225)
+    assert train._input_normalisation("tf_efficientnet_lite0", "imagenet", (0,) * 3, (1,) * 3) == \
+        ((0.5,) * 3, (0.5,) * 3)
+
+
+def test_preset_without_weights_is_one_line_from_the_cli(tmp_path):
+    result = run_cli("train", "--train", str(tmp_path), "--name", "m", "--preset", "paper")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --preset paper") and "--encoder-weights timm" in lines[0]
+
+
+# --- per-epoch log and checkpoints ---------------------------------------------------------------
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_history_and_curves_are_rewritten_after_every_epoch(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    output = tmp_path / "m.json"
+    messages = []
+    progress = Progress("train", "none")
+    progress.info = messages.append
+    log = TrainingLog(output, progress, History())
+    assert messages == ["tensorboard is not installed: no TensorBoard logs (pip install tensorboard to get them)"]
+    log.epoch(step=4, epoch=1, loss=0.5, ml=0.5, elapsed_s=1.0, epoch_s=1.0)
+    rows = _csv_rows(output.with_suffix(".history.csv"))
+    assert [(r["epoch"], r["step"], r["loss"]) for r in rows] == [("1", "4", "0.5")]
+    assert list(rows[0])[:3] == ["epoch", "step", "elapsed_s"]
+    assert output.with_suffix(".curves.png").stat().st_size > 0
+    log.epoch(step=8, epoch=2, loss=0.25, ml=0.2, push=0.05, elapsed_s=2.0, epoch_s=1.0, val_auroc=0.9)
+    rows = _csv_rows(output.with_suffix(".history.csv"))
+    assert [(r["step"], r["push"], r["val_auroc"]) for r in rows] == [("4", "", ""), ("8", "0.05", "0.9")]
+    log.close()
+    assert len(messages) == 1 and not output.with_suffix(".tb").exists()
+
+
+def test_tensorboard_scalars_when_the_package_is_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "m.json"
+    log = TrainingLog(output, Progress("train", "none"), History())
+    log.epoch(step=3, epoch=1, loss=0.5, elapsed_s=1.0, val_auroc=0.75)
+    log.epoch(step=6, epoch=2, loss=0.25, elapsed_s=2.0, val_auroc=0.8)
+    log.close()
+    events = EventAccumulator(str(output.with_suffix(".tb"))).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.5), (6, 0.25)]
+    assert [e.step for e in events.Scalars("val_auroc")] == [3, 6]
+
+
+def test_non_writer_ranks_log_nothing(tmp_path):
+    output = tmp_path / "m.json"
+    history = History()
+    log = TrainingLog(output, Progress("train", "none"), history, write=False)
+    log.epoch(step=1, epoch=1, loss=1.0, elapsed_s=0.1)
+    log.close()
+    assert history.rows == [{"step": 1, "epoch": 1, "loss": 1.0, "elapsed_s": 0.1}] and list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_from_before_the_new_options_resume_and_others_are_refused(tmp_path):
+    net = SliceNetModel(_config(), encoder_weights="none")
+    optimizer = torch.optim.Adam(net.flow.parameters())
+    output = tmp_path / "m.json"
+    meta = {"model_config": train._config_dict(net.config), "train_config": {}}
+    train._save_checkpoint(output, net, optimizer, 2, History([{"epoch": 3}]), meta)
+    info = output.with_suffix(".checkpoint.json")
+    saved = json.loads(info.read_text())
+    for key in ("slab_stride", "aggregation"):
+        del saved["model_config"][key]
+    info.write_text(json.dumps(saved))
+    epoch, history = train._load_checkpoint(output, net, optimizer, meta)
+    assert epoch == 2 and history.rows == [{"epoch": 3}]
+    other = SliceNetModel(_config(stride=1), encoder_weights="none")
+    other_meta = {"model_config": train._config_dict(other.config), "train_config": {}}
+    with pytest.raises(UserError, match="another model configuration"):
+        train._load_checkpoint(output, other, torch.optim.Adam(other.flow.parameters()), other_meta)
