@@ -60,9 +60,11 @@ class Detector:
         self.model = model
         self.device = choose_device(device)
         self.net = build_model(model).to(self.device.name)
-        if isinstance(self.net, SliceNetModel):
-            self.net.encoder.fold_batchnorm()
         self.autocast = autocast_dtype(self.device.name)
+        if isinstance(self.net, SliceNetModel) and self.autocast is None:
+            # Exact in fp32 only: folded into bf16/fp16 weights and biases, the BatchNorm shift
+            # loses enough precision to move the heatmap more than reduced precision itself does.
+            self.net.encoder.fold_batchnorm()
         self.load_seconds = time.perf_counter() - started
 
     @classmethod

@@ -244,9 +244,9 @@ class SliceEncoder(nn.Module):
     def fold_batchnorm(self) -> int:
         """Fold every BatchNorm that follows a convolution into it, for inference; returns how many.
 
-        The encoder is frozen and evaluated with running statistics, so the fold is exact (up to
-        float rounding) and removes about a quarter of the encoder's CPU time. The state dict changes
-        shape afterwards: call it only on a loaded model that is used for detection.
+        The encoder is frozen and evaluated with running statistics, so in fp32 the fold is exact
+        (up to float rounding) and saves about a quarter of the encoder's CPU time. The state dict
+        changes shape afterwards: call it only on a loaded model that is used for detection.
         """
         folded = _fold_batchnorm(self.backbone)
         self.backbone.to(memory_format=torch.channels_last)
