@@ -216,7 +216,7 @@ def _training_modules() -> list:
     import importlib
 
     found = []
-    for name in ("train", "evaluate", "synth", "benchmark"):
+    for name in ("train", "evaluate", "synth", "benchmark", "finetune_encoder", "ablation"):
         try:
             found.append(importlib.import_module(f"SimpleSliceNetTraining.{name}"))
         except ModuleNotFoundError as exc:
