@@ -20,6 +20,7 @@ from slicer.util import VTKObservationMixin
 from SimpleSliceNetLib import mrml_adapter
 from SimpleSliceNetLib.job_runner import JobError
 from SimpleSliceNetLib.slicer_logic import (
+    UNCERTAINTY_COLUMN,
     AnomalyDetectionLogic,
     elapsed_text,
     lesion_rows,
@@ -44,6 +45,7 @@ class SimpleSliceNet(ScriptedLoadableModule):
             "Unsupervised anomaly detection in 3D brain MRI. Select an MRI volume and click "
             "<b>Detect anomalies</b>: a heatmap (brighter = more unusual), a label map of candidate "
             "lesions and a lesion table appear. Drag the threshold to update them instantly. "
+            "U2AD models also give uncertainty maps (shown under <b>Overlay</b>) and a per-lesion uncertainty. "
             "Train your own model on healthy scans in the Training section. "
             "Research tool: not for clinical use."
         )
@@ -104,6 +106,7 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Files
         self.ui.validationPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Files
         self.ui.lesionTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.ResizeToContents)
+        self.ui.lesionTable.setColumnHidden(UNCERTAINTY_COLUMN, True)
 
         # One timer polls the child processes; another debounces the threshold slider.
         self.jobTimer = qt.QTimer()
@@ -124,6 +127,7 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", lambda value: self.thresholdTimer.start())
         self.ui.minLesionVolumeSpinBox.connect("valueChanged(double)", lambda value: self.thresholdTimer.start())
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.overlayComboBox.connect("currentIndexChanged(int)", self.onOverlayChanged)
         self.ui.lesionTable.connect("cellClicked(int,int)", self.onLesionClicked)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
@@ -345,7 +349,8 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.threshold = result.threshold
         self.thresholdTimer.stop()  # the nodes already match this threshold
         mrml_adapter.set_foreground_opacity(slicer.mrmlScene, p.overlayOpacity)
-        self.showLesions(result.lesions)
+        self.showLesions(result.lesions, result.lesionUncertainty)
+        self.showOverlayChoices(result.heatmapNode)
         score = "-" if result.volumeScore is None else f"{result.volumeScore:.3f}"
         self.ui.scoreLabel.text = score
         notes = f" ({'; '.join(result.messages)})" if result.messages else ""
@@ -356,10 +361,13 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIState()
 
     def onHeatmapChanged(self, node):
-        if node is None or self.detectJob is not None:
+        if self.detectJob is not None:
+            return
+        self.showOverlayChoices(node)
+        if node is None:
             return
         try:
-            self.showLesions(self.logic.lesions(node))
+            self.showLesions(self.logic.lesions(node), self.logic.lesionUncertainty(node))
         except ValueError:
             self.showLesions([])
 
@@ -374,13 +382,14 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:
             self.ui.statusLabel.text = f"Threshold failed: {error}"
             return
-        self.showLesions(lesions)
+        self.showLesions(lesions, self.logic.lesionUncertainty(p.heatmapVolume))
         self.ui.statusLabel.text = f"Threshold {p.threshold:.3f}: {len(lesions)} candidate lesion(s)."
 
-    def showLesions(self, lesions):
+    def showLesions(self, lesions, uncertainty=None):
         self.lesions = list(lesions)
         table = self.ui.lesionTable
-        rows = lesion_rows(self.lesions)
+        rows = lesion_rows(self.lesions, uncertainty)
+        table.setColumnHidden(UNCERTAINTY_COLUMN, uncertainty is None)
         table.setRowCount(len(rows))
         for row, cells in enumerate(rows):
             for column, text in enumerate(cells):
@@ -394,6 +403,22 @@ class SimpleSliceNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onOpacityChanged(self, value):
         mrml_adapter.set_foreground_opacity(slicer.mrmlScene, value)
+
+    def showOverlayChoices(self, heatmapNode):
+        """List the heatmap and its uncertainty maps; the choice is shown only when there is one to make."""
+        nodes = self.logic.overlayNodes(heatmapNode) if heatmapNode is not None else []
+        combo = self.ui.overlayComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for node in nodes:
+            combo.addItem(node.GetName(), node.GetID())
+        combo.blockSignals(wasBlocked)
+        self.ui.overlayLabel.visible = self.ui.overlayComboBox.visible = len(nodes) > 1
+
+    def onOverlayChanged(self, index):
+        node = slicer.mrmlScene.GetNodeByID(self.ui.overlayComboBox.itemData(index)) if index >= 0 else None
+        if node is not None:
+            mrml_adapter.show_in_slice_views(None, node, None, self._parameterNode.overlayOpacity)
 
     def onExport(self):
         p = self._parameterNode

@@ -89,16 +89,34 @@ def test_array_from_node_is_a_copy_and_rejects_vectors(scene):
 
 
 def test_inferno_table_is_dark_to_bright_and_shared(scene):
-    colors = mrml.inferno_colors(256)
+    colors = mrml.anchor_colors(mrml.INFERNO_ANCHORS, 256)
     luminance = colors @ [0.2126, 0.7152, 0.0722]
     assert np.all(np.diff(luminance) > -1e-3)  # perceptually ordered: brighter means more anomalous
     assert luminance[0] < 0.02 and luminance[-1] > 0.9
     node = mrml.heatmap_color_node(scene)
-    assert node.GetNumberOfColors() == 256
+    assert node.GetNumberOfColors() == 256 and node.GetName() == "SimpleSliceNet Inferno"
     rgba = [0.0] * 4
     node.GetColor(255, rgba)
     np.testing.assert_allclose(rgba[:3], colors[255], atol=1 / 255)  # stored as 8-bit
     assert mrml.heatmap_color_node(scene) is node  # one table per scene
+
+
+def test_uncertainty_table_is_its_own_ordered_table(scene):
+    heatmap_table = mrml.heatmap_color_node(scene)
+    node = mrml.uncertainty_color_node(scene)
+    assert node is not heatmap_table and node.GetName() == "SimpleSliceNet Viridis"
+    assert node.GetAttribute(mrml.COLOR_ATTRIBUTE) == "viridis" and node.GetNumberOfColors() == 256
+    colors = mrml.anchor_colors(mrml.VIRIDIS_ANCHORS, 256)
+    luminance = colors @ [0.2126, 0.7152, 0.0722]
+    assert np.all(np.diff(luminance) > -1e-3) and luminance[-1] - luminance[0] > 0.6
+    table, heat = [0.0] * 4, [0.0] * 4
+    for index in (0, 128, 255):
+        node.GetColor(index, table)
+        np.testing.assert_allclose(table[:3], colors[index], atol=1 / 255)
+        heatmap_table.GetColor(index, heat)
+        assert np.abs(np.subtract(table[:3], heat[:3])).max() > 0.2  # visibly not the heatmap's colours
+    assert mrml.uncertainty_color_node(scene) is node
+    assert scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 2
 
 
 def test_lesion_table_has_transparent_background_and_named_lesions(scene):
@@ -128,6 +146,36 @@ def test_output_nodes_are_named_tagged_and_found_again(scene):
     assert mrml.find_output_node(other, mrml.HEATMAP_ROLE) is None
 
 
+def test_uncertainty_outputs_are_scalar_volumes_found_from_their_heatmap(scene):
+    t1 = add_volume(scene, np.zeros((8, 8, 8), np.float32), np.eye(4), name="Patient T1")
+    heatmap = mrml.new_output_node(t1, mrml.HEATMAP_ROLE)
+    scene.AddNode(heatmap)
+    mrml.tag_output_node(heatmap, t1, mrml.HEATMAP_ROLE)
+    assert mrml.sibling_output_node(heatmap, mrml.UNCERTAINTY_ROLE) is None
+    made = {}
+    for role, name in ((mrml.UNCERTAINTY_ROLE, "Patient T1 uncertainty"),
+                       (mrml.ALEATORIC_ROLE, "Patient T1 aleatoric uncertainty")):
+        node = made[role] = mrml.new_output_node(t1, role)
+        assert node.GetName() == name and node.IsA("vtkMRMLScalarVolumeNode")
+        assert not node.IsA("vtkMRMLLabelMapVolumeNode")
+        scene.AddNode(node)
+        mrml.tag_output_node(node, t1, role)
+    for role, node in made.items():
+        assert mrml.find_output_node(t1, role) is node
+        assert mrml.sibling_output_node(heatmap, role) is node
+    assert mrml.find_output_node(t1, mrml.HEATMAP_ROLE) is heatmap  # roles do not mix
+    assert mrml.sibling_output_node(t1, mrml.UNCERTAINTY_ROLE) is None  # the input is no output
+
+
+def test_remove_node_takes_its_display_node_along(scene):
+    node = add_volume(scene, np.ones((8, 8, 8), np.float32), np.eye(4), name="u")
+    mrml.style_uncertainty(node, np.ones((8, 8, 8), np.float32))
+    display_id = node.GetDisplayNodeID()
+    mrml.remove_node(node)
+    assert scene.GetNodeByID(display_id) is None and scene.GetNodeByID(node.GetID()) is None
+    assert scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 1  # shared table stays
+
+
 def test_heatmap_style_fixed_window_colour_and_transparent_background(scene):
     heatmap = np.zeros((10, 10, 10), np.float32)
     heatmap[4:6, 4:6, 4:6] = 0.8
@@ -144,6 +192,22 @@ def test_heatmap_style_fixed_window_colour_and_transparent_background(scene):
     assert display.GetWindowLevelMin() == pytest.approx(0.0) and display.GetWindowLevelMax() == pytest.approx(3.0)
     assert display.GetUpperThreshold() > 2.4  # the hottest voxels stay visible
     assert node.GetDisplayNode() is display
+
+
+def test_uncertainty_style_robust_window_own_colours_and_transparent_background(scene):
+    values = np.zeros((20, 20, 20), np.float32)
+    values[2:18, 2:18, 2:18] = np.random.default_rng(0).uniform(0.0, 2e-3, (16, 16, 16))
+    values[10, 10, 10] = 5.0  # one extreme voxel must not set the scale
+    node = add_volume(scene, values, np.eye(4), name="u")
+    mrml.style_uncertainty(node, values)
+    display = node.GetDisplayNode()
+    assert display.GetColorNode().GetAttribute(mrml.COLOR_ATTRIBUTE) == "viridis"
+    assert not display.GetAutoWindowLevel() and display.GetWindowLevelMin() == 0.0
+    assert display.GetWindowLevelMax() == pytest.approx(np.percentile(values[values > 0], 99.5), rel=1e-6)
+    assert display.GetWindowLevelMax() < 2.1e-3
+    assert display.GetApplyThreshold() and 0.0 < display.GetLowerThreshold() < 1e-4  # zero is see-through
+    assert display.GetUpperThreshold() > 5.0  # the extreme voxel stays visible (saturated)
+    assert mrml.uncertainty_window(np.zeros((4, 4, 4))) == (0.0, 1.0)
 
 
 def test_label_style_uses_lesion_colours(scene):

@@ -22,7 +22,9 @@ import vtk
 from SimpleSliceNetLib import mrml_adapter as mrml
 from SimpleSliceNetLib.job_runner import JobError
 from SimpleSliceNetLib.slicer_logic import (
+    LESION_COLUMNS,
     REQUIREMENTS,
+    UNCERTAINTY_COLUMN,
     AnomalyDetectionLogic,
     Job,
     elapsed_text,
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A model small enough to train in ~20 s here; the plumbing, not the accuracy, is under test.
 TINY_MODEL_ARGS = ["--shape", "48,48,24", "--spacing", "4,4,6", "--blocks", "2", "--encoder-weights", "none"]
 MODEL_ID = "tiny-test"
+U2AD_MODEL_ID = "u2ad-t1-synth"  # bundled; about 10 s of CPU per detection on these small volumes
 
 
 def healthy_brain(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,20 +112,43 @@ def oblique_lps_anisotropic(affine: np.ndarray) -> np.ndarray:
     return result
 
 
-@pytest.fixture(scope="module")
-def detected(logic, trained, case):
-    """One detection on the oblique/LPS-like/anisotropic input, with the scene state around it."""
-    array, affine, _ = case
+def study_scene(array: np.ndarray, geometry: np.ndarray):
+    """A scene with slice views and a volume "T1" in a patient's study: ``(scene, node, study)``."""
     scene = slicer.vtkMRMLScene()
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient"), "MR")
-    geometry = oblique_lps_anisotropic(affine)
     node = add_volume(scene, array, geometry, name="T1")
     hierarchy.CreateItem(study, node)
     for view in ("Red", "Green", "Yellow"):
         composite = slicer.vtkMRMLSliceCompositeNode()
         composite.SetLayoutName(view)
         scene.AddNode(composite)
+    return scene, node, study
+
+
+def assert_same_geometry(output, node) -> None:
+    """``output`` has exactly the voxel grid of ``node``: dimensions, IJK-to-RAS, spacing, origin, directions."""
+    assert output.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
+    assert np.array_equal(mrml.ijk_to_ras(output), mrml.ijk_to_ras(node))
+    assert output.GetSpacing() == node.GetSpacing()
+    assert output.GetOrigin() == node.GetOrigin()
+    out_dirs, in_dirs = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    output.GetIJKToRASDirectionMatrix(out_dirs)
+    node.GetIJKToRASDirectionMatrix(in_dirs)
+    assert all(out_dirs.GetElement(r, c) == in_dirs.GetElement(r, c) for r in range(3) for c in range(3))
+
+
+def output_roles(scene) -> list[str]:
+    nodes = scene.GetNodesByClass("vtkMRMLVolumeNode")
+    roles = (nodes.GetItemAsObject(i).GetAttribute(mrml.ROLE_ATTRIBUTE) for i in range(nodes.GetNumberOfItems()))
+    return sorted(role for role in roles if role)
+
+
+@pytest.fixture(scope="module")
+def detected(logic, trained, case):
+    """One detection on the oblique/LPS-like/anisotropic input, with the scene state around it."""
+    array, affine, _ = case
+    scene, node, study = study_scene(array, oblique_lps_anisotropic(affine))
     before = {
         "array": mrml.array_from_node(node),
         "matrix": mrml.ijk_to_ras(node),
@@ -184,14 +210,7 @@ def test_training_rejects_bad_names_and_missing_sources(logic, tmp_path):
 def test_outputs_have_the_inputs_exact_geometry(detected):
     node, result = detected["node"], detected["result"]
     for output in (result.heatmapNode, result.labelNode):
-        assert output.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
-        assert np.array_equal(mrml.ijk_to_ras(output), mrml.ijk_to_ras(node))
-        assert output.GetSpacing() == node.GetSpacing()
-        assert output.GetOrigin() == node.GetOrigin()
-        out_dirs, in_dirs = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        output.GetIJKToRASDirectionMatrix(out_dirs)
-        node.GetIJKToRASDirectionMatrix(in_dirs)
-        assert all(out_dirs.GetElement(r, c) == in_dirs.GetElement(r, c) for r in range(3) for c in range(3))
+        assert_same_geometry(output, node)
 
 
 def test_input_node_is_untouched(detected):
@@ -219,6 +238,17 @@ def test_names_display_colours_layers_and_study(detected):
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     for output in (result.heatmapNode, result.labelNode):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == detected["study"]
+
+
+def test_a_simpleslicenet_model_gives_no_uncertainty(detected, logic):
+    scene, result = detected["scene"], detected["result"]
+    assert result.uncertaintyNode is None and result.aleatoricNode is None and result.lesionUncertainty is None
+    assert output_roles(scene) == [mrml.HEATMAP_ROLE, mrml.LABEL_ROLE]
+    assert logic.overlayNodes(result.heatmapNode) == [result.heatmapNode]
+    assert logic.lesionUncertainty(result.heatmapNode) is None
+    assert all("mean_uncertainty" not in lesion for lesion in logic.report(result.heatmapNode)["lesions"])
+    rows = lesion_rows(result.lesions, logic.lesionUncertainty(result.heatmapNode))
+    assert all(len(row) == UNCERTAINTY_COLUMN for row in rows)
 
 
 def test_result_report_and_progress(detected):
@@ -339,6 +369,126 @@ def test_detect_refuses_label_maps_and_nodes_outside_a_scene(logic):
         logic.detect(label)
 
 
+# -- U2AD: uncertainty maps and per-lesion uncertainty -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def u2ad_detected(logic, case):
+    """The bundled U2AD model on the planted case under the oblique/LPS-like/anisotropic geometry."""
+    array, affine, _ = case
+    scene, node, study = study_scene(array, oblique_lps_anisotropic(affine))
+    result = logic.detect(node, model=U2AD_MODEL_ID, device="cpu")
+    return {"scene": scene, "node": node, "result": result, "study": study}
+
+
+def test_u2ad_uncertainty_nodes_have_the_inputs_geometry_and_their_own_colours(u2ad_detected, logic):
+    scene, node, result = u2ad_detected["scene"], u2ad_detected["node"], u2ad_detected["result"]
+    assert result.report["model"]["method"] == "u2ad"
+    uncertainty, aleatoric = result.uncertaintyNode, result.aleatoricNode
+    assert uncertainty is not None and aleatoric is not None
+    assert uncertainty.GetName() == "T1 uncertainty" and aleatoric.GetName() == "T1 aleatoric uncertainty"
+    assert output_roles(scene) == sorted(
+        [mrml.HEATMAP_ROLE, mrml.LABEL_ROLE, mrml.UNCERTAINTY_ROLE, mrml.ALEATORIC_ROLE]
+    )
+    assert logic.overlayNodes(result.heatmapNode) == [result.heatmapNode, uncertainty, aleatoric]
+    brain = logic.brainMask(result.heatmapNode)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    heat_colours = result.heatmapNode.GetDisplayNode().GetColorNode()
+    for output in (uncertainty, aleatoric):
+        assert_same_geometry(output, node)
+        values = mrml.array_from_node(output)
+        assert values.dtype == np.float32 and values.min() >= 0.0
+        assert np.all(values[~brain] == 0) and np.count_nonzero(values[brain]) > 0.5 * brain.sum()
+        display = output.GetDisplayNode()
+        colours = display.GetColorNode()
+        assert colours.GetAttribute(mrml.COLOR_ATTRIBUTE) == "viridis" and colours.GetID() != heat_colours.GetID()
+        assert not display.GetAutoWindowLevel() and display.GetWindowLevelMin() == 0.0
+        assert display.GetWindowLevelMax() == pytest.approx(np.percentile(values[values > 0], 99.5), rel=1e-5)
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == u2ad_detected["study"]
+    assert heat_colours.GetAttribute(mrml.COLOR_ATTRIBUTE) == "inferno"
+    assert scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 3  # inferno, lesions, viridis
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == result.heatmapNode.GetID()  # the heatmap stays the overlay
+
+
+def test_u2ad_lesion_uncertainty_column_follows_the_threshold(u2ad_detected, logic):
+    result = u2ad_detected["result"]
+    uncertainty = mrml.array_from_node(result.uncertaintyNode)
+
+    def means(lesions) -> list[float]:
+        labels = mrml.array_from_node(result.labelNode)
+        return [float(uncertainty[labels == lesion.id].mean()) for lesion in lesions]
+
+    assert result.lesions and len(result.lesionUncertainty) == len(result.lesions)
+    assert result.lesionUncertainty == pytest.approx(means(result.lesions), rel=1e-5)
+    # Where the engine found the same lesion, its report gives the same mean uncertainty.
+    engine = {(e["id"], e["voxels"]): e["mean_uncertainty"] for e in result.report["lesions"]}
+    same = [(engine[(x.id, x.voxels)], u) for x, u in zip(result.lesions, result.lesionUncertainty, strict=True)
+            if (x.id, x.voxels) in engine]
+    assert same and all(a == pytest.approx(b, rel=1e-5) for a, b in same)
+    rows = lesion_rows(result.lesions, result.lesionUncertainty)
+    assert [row[UNCERTAINTY_COLUMN] for row in rows] == [f"{value:.3g}" for value in result.lesionUncertainty]
+
+    heatmap = mrml.array_from_node(result.heatmapNode)
+    lower = float(np.percentile(heatmap[logic.brainMask(result.heatmapNode)], 97))
+    lesions = logic.applyThreshold(result.heatmapNode, result.labelNode, lower)
+    assert len(lesions) != len(result.lesions)
+    values = logic.lesionUncertainty(result.heatmapNode)
+    assert values == pytest.approx(means(lesions), rel=1e-5)
+    assert [entry["mean_uncertainty"] for entry in logic.report(result.heatmapNode)["lesions"]] == values
+    # A fresh logic (a reopened scene) finds the uncertainty node from the heatmap.
+    fresh = AnomalyDetectionLogic()
+    assert fresh.lesionUncertainty(result.heatmapNode) == []
+    assert fresh.applyThreshold(result.heatmapNode, result.labelNode, lower) == lesions
+    assert fresh.lesionUncertainty(result.heatmapNode) == pytest.approx(values, rel=1e-6)
+    logic.applyThreshold(result.heatmapNode, result.labelNode, result.threshold)
+
+
+def test_u2ad_export_writes_uncertainty_maps_and_column(u2ad_detected, logic, tmp_path):
+    result = u2ad_detected["result"]
+    lesions = logic.applyThreshold(result.heatmapNode, result.labelNode, result.threshold)
+    paths = logic.exportResults(result.heatmapNode, result.labelNode, tmp_path, fileFormat="nrrd")
+    for role, node in (("uncertainty", result.uncertaintyNode), ("aleatoric", result.aleatoricNode)):
+        assert paths[role].name == f"T1_{role}.nrrd"
+        exported = load_volume(paths[role])
+        np.testing.assert_array_equal(exported.array, mrml.array_from_node(node))
+        np.testing.assert_allclose(exported.affine, mrml.ijk_to_ras(node), atol=1e-9)
+    with paths["lesions"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(lesions) > 0
+    expected = logic.lesionUncertainty(result.heatmapNode)
+    assert [float(row["mean_uncertainty"]) for row in rows] == pytest.approx(expected)
+
+
+def test_one_logic_keeps_the_results_of_two_scenes_apart(detected, u2ad_detected, logic):
+    slicenet, u2ad = detected["result"].heatmapNode, u2ad_detected["result"].heatmapNode
+    assert slicenet.GetID() == u2ad.GetID()  # each scene numbers its nodes from 1
+    assert logic.report(slicenet)["model"]["id"] == MODEL_ID
+    assert logic.report(u2ad)["model"]["method"] == "u2ad"
+    assert logic.lesionUncertainty(slicenet) is None and logic.lesionUncertainty(u2ad) is not None
+
+
+def test_u2ad_rerun_updates_its_nodes_and_another_model_removes_them(u2ad_detected, logic, trained):
+    scene, node, first = u2ad_detected["scene"], u2ad_detected["node"], u2ad_detected["result"]
+    ids = node_ids(scene)
+    again = logic.detect(node, model=U2AD_MODEL_ID, device="cpu")
+    assert again.uncertaintyNode is first.uncertaintyNode and again.aleatoricNode is first.aleatoricNode
+    assert again.heatmapNode is first.heatmapNode
+    assert node_ids(scene) == ids  # no new output, display or colour nodes
+
+    # A SimpleSliceNet run replaces the heatmap: uncertainty of the U2AD run would no longer match it.
+    removed = set()
+    for output in (first.uncertaintyNode, first.aleatoricNode):
+        removed |= {output.GetID(), output.GetDisplayNodeID()}
+    other = logic.detect(node, model=MODEL_ID, device="cpu")
+    assert other.heatmapNode is first.heatmapNode and other.report["model"]["id"] == MODEL_ID
+    assert other.uncertaintyNode is None and other.lesionUncertainty is None
+    assert node_ids(scene) == ids - removed
+    assert output_roles(scene) == [mrml.HEATMAP_ROLE, mrml.LABEL_ROLE]
+    assert logic.overlayNodes(other.heatmapNode) == [other.heatmapNode]
+    assert logic.lesionUncertainty(other.heatmapNode) is None
+
+
 # -- export -------------------------------------------------------------------------------------
 
 
@@ -404,8 +554,12 @@ def test_text_helpers():
         "threshold 0.420, v1.0 (bundled)"
     )
     assert "no calibrated threshold" in model_info_text({"method": "u2ad"})
-    rows = lesion_rows([{"id": 1, "volume_ml": 1.234, "max_score": 0.98765, "centroid_ras": [1, -2.25, 3]}])
-    assert rows == [["1", "1.23", "0.988", "1.0, -2.2, 3.0"]]
+    lesion = {"id": 1, "volume_ml": 1.234, "max_score": 0.98765, "centroid_ras": [1, -2.25, 3]}
+    assert lesion_rows([lesion]) == [["1", "1.23", "0.988", "1.0, -2.2, 3.0"]]
+    assert lesion_rows([lesion], [0.000938774]) == [["1", "1.23", "0.988", "1.0, -2.2, 3.0", "0.000939"]]
+    assert LESION_COLUMNS[UNCERTAINTY_COLUMN] == "Uncertainty" and len(LESION_COLUMNS) == UNCERTAINTY_COLUMN + 1
+    with pytest.raises(ValueError, match="2 uncertainty values for 1 lesions"):
+        lesion_rows([lesion], [0.1, 0.2])
 
 
 def test_lesion_csv(tmp_path):
@@ -421,6 +575,11 @@ def test_lesion_csv(tmp_path):
     assert path.read_text().splitlines() == [
         "id,voxels,volume_ml,centroid_r,centroid_a,centroid_s,max_score,mean_score",
         "1,8,0.008,1.0,2.0,3.0,0.9,0.7",
+    ]
+    path = write_lesion_csv(tmp_path / "u.csv", [{**lesion, "mean_uncertainty": 0.002}])
+    assert path.read_text().splitlines() == [
+        "id,voxels,volume_ml,centroid_r,centroid_a,centroid_s,max_score,mean_score,mean_uncertainty",
+        "1,8,0.008,1.0,2.0,3.0,0.9,0.7,0.002",
     ]
 
 

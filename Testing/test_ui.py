@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from SimpleSliceNetLib.slicer_logic import LESION_COLUMNS, UNCERTAINTY_COLUMN
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtCore = pytest.importorskip("PySide6.QtCore")
 QtUiTools = pytest.importorskip("PySide6.QtUiTools")
@@ -114,10 +116,20 @@ def test_panel_structure(panel):
     assert [formats.itemText(i) for i in range(formats.count())] == ["nii.gz", "nrrd"]
     table = panel.findChild(QtWidgets.QTableWidget, "lesionTable")
     headers = [table.horizontalHeaderItem(i).text() for i in range(table.columnCount())]
-    assert headers == ["#", "Volume (mL)", "Max score", "Centre (RAS, mm)"]
+    assert headers == list(LESION_COLUMNS)  # the cells lesion_rows() makes, in its order
+    assert "epistemic uncertainty" in table.horizontalHeaderItem(UNCERTAINTY_COLUMN).toolTip()
     assert table.editTriggers() == QtWidgets.QAbstractItemView.NoEditTriggers
     assert panel.findChild(QtWidgets.QPushButton, "trainButton").text() == "Start training"
     assert panel.findChild(QtWidgets.QRadioButton, "trainFromNodesRadioButton").isChecked()
+
+
+def test_uncertainty_overlay_choice_is_hidden_until_a_model_gives_uncertainty(panel):
+    # Shown by the module only when the heatmap has uncertainty maps (U2AD); everything else is visible.
+    for name in ("overlayLabel", "overlayComboBox"):
+        assert panel.findChild(QtWidgets.QWidget, name).isHidden()
+    assert not panel.findChild(QtWidgets.QWidget, "heatmapSelector").isHidden()
+    overlay = panel.findChild(QtWidgets.QComboBox, "overlayComboBox")
+    assert overlay.count() == 0 and "uncertainty" in overlay.toolTip()
 
 
 def test_training_section_is_collapsed_by_default():

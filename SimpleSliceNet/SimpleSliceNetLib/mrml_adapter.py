@@ -18,6 +18,16 @@ INPUT_REFERENCE_ROLE = "simpleSliceNetInput"
 COLOR_ATTRIBUTE = "SimpleSliceNet.ColorTable"
 HEATMAP_ROLE = "heatmap"
 LABEL_ROLE = "label"
+# Extra maps of models that give them (U2AD); the roles are the engine's output keys.
+UNCERTAINTY_ROLE = "uncertainty"
+ALEATORIC_ROLE = "aleatoric"
+UNCERTAINTY_ROLES = (UNCERTAINTY_ROLE, ALEATORIC_ROLE)
+ROLE_NAMES = {
+    HEATMAP_ROLE: "anomaly heatmap",
+    LABEL_ROLE: "anomaly lesions",
+    UNCERTAINTY_ROLE: "uncertainty",
+    ALEATORIC_ROLE: "aleatoric uncertainty",
+}
 
 # matplotlib's "inferno" sampled at 17 evenly spaced points (perceptually uniform, colour-blind
 # safe, dark = normal); interpolated to 256 entries. Slicer ships no such table.
@@ -39,6 +49,28 @@ INFERNO_ANCHORS = (
     (0.975, 0.798, 0.206),
     (0.948, 0.917, 0.411),
     (0.988, 0.998, 0.645),
+)
+
+# matplotlib's "viridis" sampled the same way, for uncertainty maps: also perceptually uniform and
+# colour-blind safe, but visibly not the heatmap (dark purple = certain).
+VIRIDIS_ANCHORS = (
+    (0.267, 0.005, 0.329),
+    (0.282, 0.095, 0.417),
+    (0.279, 0.175, 0.483),
+    (0.259, 0.252, 0.525),
+    (0.230, 0.322, 0.546),
+    (0.199, 0.388, 0.555),
+    (0.173, 0.449, 0.558),
+    (0.149, 0.508, 0.557),
+    (0.128, 0.567, 0.551),
+    (0.121, 0.626, 0.533),
+    (0.158, 0.684, 0.502),
+    (0.246, 0.739, 0.452),
+    (0.369, 0.789, 0.383),
+    (0.516, 0.831, 0.294),
+    (0.678, 0.864, 0.190),
+    (0.846, 0.887, 0.100),
+    (0.993, 0.906, 0.144),
 )
 
 # Distinct, saturated lesion colours (cycled), readable over grey MRI.
@@ -116,30 +148,42 @@ def _find_color_node(scene: slicer.vtkMRMLScene, key: str) -> slicer.vtkMRMLColo
     return None
 
 
-def inferno_colors(count: int = 256) -> np.ndarray:
-    """``count`` RGB rows interpolated along the inferno anchors."""
-    anchors = np.asarray(INFERNO_ANCHORS)
-    positions = np.linspace(0.0, 1.0, len(anchors))
+def anchor_colors(anchors: tuple[tuple[float, float, float], ...], count: int = 256) -> np.ndarray:
+    """``count`` RGB rows interpolated along evenly spaced ``anchors`` (e.g. :data:`INFERNO_ANCHORS`)."""
+    points = np.asarray(anchors)
+    positions = np.linspace(0.0, 1.0, len(points))
     samples = np.linspace(0.0, 1.0, count)
-    return np.stack([np.interp(samples, positions, anchors[:, c]) for c in range(3)], axis=1)
+    return np.stack([np.interp(samples, positions, points[:, c]) for c in range(3)], axis=1)
 
 
-def heatmap_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
-    """The scene's inferno-like continuous colour table, created once per scene."""
-    node = _find_color_node(scene, "inferno")
+def continuous_color_node(
+    scene: slicer.vtkMRMLScene, key: str, anchors: tuple[tuple[float, float, float], ...]
+) -> slicer.vtkMRMLColorTableNode:
+    """The scene's 256-entry colour table ``key`` interpolated along ``anchors``, created once per scene."""
+    node = _find_color_node(scene, key)
     if node is not None:
         return node
     node = slicer.vtkMRMLColorTableNode()
-    node.SetName(scene.GenerateUniqueName("SimpleSliceNet Inferno"))
-    node.SetAttribute(COLOR_ATTRIBUTE, "inferno")
+    node.SetName(scene.GenerateUniqueName(f"SimpleSliceNet {key.capitalize()}"))
+    node.SetAttribute(COLOR_ATTRIBUTE, key)
     node.SetTypeToUser()
     node.SetHideFromEditors(False)
-    colors = inferno_colors(256)
+    colors = anchor_colors(anchors, 256)
     node.SetNumberOfColors(len(colors))
     for index, (r, g, b) in enumerate(colors):
-        node.SetColor(index, f"inferno {index}", float(r), float(g), float(b), 1.0)
+        node.SetColor(index, f"{key} {index}", float(r), float(g), float(b), 1.0)
     scene.AddNode(node)
     return node
+
+
+def heatmap_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
+    """The scene's inferno-like table for anomaly heatmaps."""
+    return continuous_color_node(scene, "inferno", INFERNO_ANCHORS)
+
+
+def uncertainty_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
+    """The scene's viridis-like table for uncertainty maps (epistemic and aleatoric share it)."""
+    return continuous_color_node(scene, "viridis", VIRIDIS_ANCHORS)
 
 
 def lesion_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
@@ -164,7 +208,7 @@ def lesion_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNod
 
 
 def find_output_node(input_node: slicer.vtkMRMLVolumeNode, role: str) -> slicer.vtkMRMLVolumeNode | None:
-    """The heatmap or label node an earlier run made for ``input_node`` (None if none)."""
+    """The output node of ``role`` (heatmap, label, uncertainty...) an earlier run made for ``input_node``."""
     scene = input_node.GetScene()
     class_name = "vtkMRMLLabelMapVolumeNode" if role == LABEL_ROLE else "vtkMRMLScalarVolumeNode"
     nodes = scene.GetNodesByClass(class_name)
@@ -178,13 +222,18 @@ def find_output_node(input_node: slicer.vtkMRMLVolumeNode, role: str) -> slicer.
     return None
 
 
+def sibling_output_node(output_node: slicer.vtkMRMLVolumeNode, role: str) -> slicer.vtkMRMLVolumeNode | None:
+    """The output of ``role`` made from the same input as ``output_node`` (e.g. a heatmap's uncertainty)."""
+    input_node = output_node.GetNodeReference(INPUT_REFERENCE_ROLE)
+    return find_output_node(input_node, role) if input_node is not None else None
+
+
 def output_name(input_node: slicer.vtkMRMLVolumeNode, role: str) -> str:
-    suffix = "anomaly heatmap" if role == HEATMAP_ROLE else "anomaly lesions"
-    return f"{input_node.GetName()} {suffix}"
+    return f"{input_node.GetName()} {ROLE_NAMES[role]}"
 
 
 def new_output_node(input_node: slicer.vtkMRMLVolumeNode, role: str) -> slicer.vtkMRMLVolumeNode:
-    """A new (not yet added) heatmap or label node named after ``input_node``."""
+    """A new (not yet added) output node of ``role`` named after ``input_node``."""
     node = slicer.vtkMRMLLabelMapVolumeNode() if role == LABEL_ROLE else slicer.vtkMRMLScalarVolumeNode()
     node.SetName(input_node.GetScene().GenerateUniqueName(output_name(input_node, role)))
     return node
@@ -193,6 +242,17 @@ def new_output_node(input_node: slicer.vtkMRMLVolumeNode, role: str) -> slicer.v
 def tag_output_node(node: slicer.vtkMRMLVolumeNode, input_node: slicer.vtkMRMLVolumeNode, role: str) -> None:
     node.SetAttribute(ROLE_ATTRIBUTE, role)
     node.SetNodeReferenceID(INPUT_REFERENCE_ROLE, input_node.GetID())
+
+
+def remove_node(node: slicer.vtkMRMLDisplayableNode) -> None:
+    """Remove ``node`` with its display and storage nodes (the scene alone would leave them behind)."""
+    scene = node.GetScene()
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    for helper in helpers:
+        if helper is not None:
+            scene.RemoveNode(helper)
+    scene.RemoveNode(node)
 
 
 def ensure_display_node(node: slicer.vtkMRMLVolumeNode) -> slicer.vtkMRMLVolumeDisplayNode:
@@ -214,20 +274,38 @@ def heatmap_window(heatmap: np.ndarray, threshold: float | None = None) -> tuple
     return 0.0, max(1.0, upper)
 
 
-def style_heatmap(node: slicer.vtkMRMLScalarVolumeNode, heatmap: np.ndarray, threshold: float | None = None) -> None:
-    """Inferno colours, a fixed window, and see-through voxels at or below 0 (background, normal tissue)."""
+def uncertainty_window(values: np.ndarray) -> tuple[float, float]:
+    """Display range ``[0, 99.5th percentile of the positive voxels]`` (1 when none): uncertainty has no
+    calibrated scale, and a few extreme voxels must not wash out the rest."""
+    positive = values[values > 0]
+    return 0.0, float(np.percentile(positive, 99.5)) if positive.size else 1.0
+
+
+def _style_overlay(
+    node: slicer.vtkMRMLScalarVolumeNode, values: np.ndarray, color: slicer.vtkMRMLColorTableNode, window: tuple
+) -> None:
+    """Colours, a fixed window, and see-through voxels in the lowest 2% of it (background, normal tissue)."""
     display = ensure_display_node(node)
-    lower, upper = heatmap_window(heatmap, threshold)
+    lower, upper = window
     was_modifying = display.StartModify()
-    display.SetAndObserveColorNodeID(heatmap_color_node(node.GetScene()).GetID())
+    display.SetAndObserveColorNodeID(color.GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(lower, upper)
-    # Background and the least anomalous tissue stay see-through in the foreground layer.
     display.AutoThresholdOff()
-    display.SetThreshold(lower + 0.02 * (upper - lower), max(upper, float(np.max(heatmap, initial=upper))) + 1.0)
+    display.SetThreshold(lower + 0.02 * (upper - lower), max(upper, float(np.max(values, initial=upper))) + 1.0)
     display.ApplyThresholdOn()
     display.SetInterpolate(True)
     display.EndModify(was_modifying)
+
+
+def style_heatmap(node: slicer.vtkMRMLScalarVolumeNode, heatmap: np.ndarray, threshold: float | None = None) -> None:
+    """Inferno colours in the window of :func:`heatmap_window`; background and normal tissue see-through."""
+    _style_overlay(node, heatmap, heatmap_color_node(node.GetScene()), heatmap_window(heatmap, threshold))
+
+
+def style_uncertainty(node: slicer.vtkMRMLScalarVolumeNode, values: np.ndarray) -> None:
+    """Viridis colours in the window of :func:`uncertainty_window`; background and certain voxels see-through."""
+    _style_overlay(node, values, uncertainty_color_node(node.GetScene()), uncertainty_window(values))
 
 
 def style_label(node: slicer.vtkMRMLLabelMapVolumeNode) -> None:

@@ -31,6 +31,10 @@ ProgressCallback = Callable[[float, str], None]
 MessageCallback = Callable[[str], None]
 MetricCallback = Callable[[dict], None]
 
+# The panel's lesion table; the last column only for models with an uncertainty map (U2AD).
+LESION_COLUMNS = ("#", "Volume (mL)", "Max score", "Centre (RAS, mm)", "Uncertainty")
+UNCERTAINTY_COLUMN = LESION_COLUMNS.index("Uncertainty")
+
 
 @dataclass(frozen=True)
 class Requirement:
@@ -67,7 +71,12 @@ def missing_requirements() -> list[Requirement]:
 
 @dataclass
 class DetectionResult:
-    """What :meth:`AnomalyDetectionLogic.detect` produced."""
+    """What :meth:`AnomalyDetectionLogic.detect` produced.
+
+    Models with uncertainty maps (U2AD) also give ``uncertaintyNode`` (epistemic),
+    ``aleatoricNode`` and ``lesionUncertainty`` (mean epistemic uncertainty per lesion, in the
+    order of ``lesions``); for other models these are None.
+    """
 
     heatmapNode: Any
     labelNode: Any
@@ -78,6 +87,9 @@ class DetectionResult:
     device: str = ""
     messages: list[str] = field(default_factory=list)
     elapsedSeconds: float = 0.0
+    uncertaintyNode: Any = None
+    aleatoricNode: Any = None
+    lesionUncertainty: list[float] | None = None
 
 
 @dataclass
@@ -92,6 +104,8 @@ class _ThresholdState:
     lesions: list = field(default_factory=list)
     threshold: float | None = None
     minLesionVolumeMl: float = 0.0
+    uncertainty: np.ndarray | None = None  # epistemic map, when the model gives one
+    lesionUncertainty: list[float] | None = None
 
 
 class Job(Generic[T]):
@@ -186,8 +200,10 @@ class AnomalyDetectionLogic:
         """Detect anomalies in ``inputVolumeNode``; returns the result, or a :class:`Job` when not waiting.
 
         Output nodes are created (named after the input) when not given and not made by an
-        earlier run; they get the input's exact geometry. The scene changes only when the
-        engine succeeded: a failed or cancelled run leaves it as it was.
+        earlier run; they get the input's exact geometry. Models that give uncertainty maps
+        (U2AD) add epistemic and aleatoric uncertainty nodes; a run without them removes those
+        of an earlier run, which would no longer match the heatmap. The scene changes only when
+        the engine succeeded: a failed or cancelled run leaves it as it was.
         """
         if inputVolumeNode is None or inputVolumeNode.GetScene() is None:
             raise ValueError("select an input volume that is in the scene")
@@ -247,34 +263,50 @@ class AnomalyDetectionLogic:
 
         # Everything that can fail happens before the scene is touched.
         heatmap = load_volume(files["heatmap"]).array.astype(np.float32)
+        # The engine writes uncertainty maps only for models that give them (U2AD).
+        extra = {
+            role: load_volume(files[role]).array.astype(np.float32)
+            for role in mrml.UNCERTAINTY_ROLES
+            if files.get(role) and Path(files[role]).exists()
+        }
         expected = tuple(inputNode.GetImageData().GetDimensions())
-        if heatmap.shape != expected:
-            raise JobError(f"the engine returned a heatmap of shape {heatmap.shape}; the input is {expected}")
+        for role, values in {mrml.HEATMAP_ROLE: heatmap, **extra}.items():
+            if values.shape != expected:
+                raise JobError(f"the engine returned a {role} map of shape {values.shape}; the input is {expected}")
         brainPath = files.get("brainmask")
         brainMask = load_volume(brainPath).array > 0 if brainPath and brainPath.exists() else heatmap > 0
         report = json.loads(Path(files["report"]).read_text()) if files.get("report") else {}
         usedThreshold = float(threshold if threshold is not None else report.get("threshold", 0.5))
         affine = mrml.ijk_to_ras(inputNode)
         labels, lesions = extract_lesions(heatmap, affine, usedThreshold, brainMask, minLesionVolumeMl)
+        uncertainty = extra.get(mrml.UNCERTAINTY_ROLE)
+        lesionUncertainty = _lesion_means(uncertainty, labels, lesions)
 
         scene = inputNode.GetScene()
-        heatmapNode = heatmapNode or mrml.find_output_node(inputNode, mrml.HEATMAP_ROLE)
-        labelNode = labelNode or mrml.find_output_node(inputNode, mrml.LABEL_ROLE)
-        heatmapNode = heatmapNode or mrml.new_output_node(inputNode, mrml.HEATMAP_ROLE)
-        labelNode = labelNode or mrml.new_output_node(inputNode, mrml.LABEL_ROLE)
-        for node, role in ((heatmapNode, mrml.HEATMAP_ROLE), (labelNode, mrml.LABEL_ROLE)):
+        given = {mrml.HEATMAP_ROLE: heatmapNode, mrml.LABEL_ROLE: labelNode}
+        arrays = {mrml.HEATMAP_ROLE: heatmap, mrml.LABEL_ROLE: labels, **extra}
+        nodes = {}
+        for role, values in arrays.items():
+            node = given.get(role) or mrml.find_output_node(inputNode, role) or mrml.new_output_node(inputNode, role)
             if node.GetScene() is None:
                 scene.AddNode(node)
             mrml.tag_output_node(node, inputNode, role)
             node.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
-        mrml.update_node_from_array(heatmapNode, heatmap, affine)
-        mrml.update_node_from_array(labelNode, labels, affine)
+            mrml.update_node_from_array(node, values, affine)
+            nodes[role] = node
+        for role in mrml.UNCERTAINTY_ROLES:
+            stale = None if role in extra else mrml.find_output_node(inputNode, role)
+            if stale is not None:
+                mrml.remove_node(stale)
+        heatmapNode, labelNode = nodes[mrml.HEATMAP_ROLE], nodes[mrml.LABEL_ROLE]
         mrml.style_heatmap(heatmapNode, heatmap, float(report.get("threshold", usedThreshold)))
         mrml.style_label(labelNode)
-        mrml.place_in_study(inputNode, [heatmapNode, labelNode])
+        for role, values in extra.items():
+            mrml.style_uncertainty(nodes[role], values)
+        mrml.place_in_study(inputNode, list(nodes.values()))
         mrml.show_in_slice_views(inputNode, heatmapNode, labelNode)
 
-        self._thresholdStates[heatmapNode.GetID()] = _ThresholdState(
+        self._thresholdStates[_state_key(heatmapNode)] = _ThresholdState(
             heatmap=heatmap,
             brainMask=brainMask,
             affine=affine,
@@ -283,6 +315,8 @@ class AnomalyDetectionLogic:
             lesions=lesions,
             threshold=usedThreshold,
             minLesionVolumeMl=minLesionVolumeMl,
+            uncertainty=uncertainty,
+            lesionUncertainty=lesionUncertainty,
         )
         return DetectionResult(
             heatmapNode=heatmapNode,
@@ -294,12 +328,15 @@ class AnomalyDetectionLogic:
             device=str(report.get("device", "")),
             messages=messages,
             elapsedSeconds=result.elapsed_s,
+            uncertaintyNode=nodes.get(mrml.UNCERTAINTY_ROLE),
+            aleatoricNode=nodes.get(mrml.ALEATORIC_ROLE),
+            lesionUncertainty=lesionUncertainty,
         )
 
     # -- thresholding -------------------------------------------------------------------------
 
     def _thresholdState(self, heatmapNode: Any) -> _ThresholdState:
-        state = self._thresholdStates.get(heatmapNode.GetID())
+        state = self._thresholdStates.get(_state_key(heatmapNode))
         image = heatmapNode.GetImageData()
         if image is None:
             raise ValueError(f"'{heatmapNode.GetName()}' has no voxels; run detection first")
@@ -307,13 +344,20 @@ class AnomalyDetectionLogic:
             # A heatmap loaded from a saved scene (or edited): the engine writes exactly 0 outside
             # the brain, while calibrated scores inside may be negative.
             heatmap = mrml.array_from_node(heatmapNode).astype(np.float32)
+            uncertaintyNode = mrml.sibling_output_node(heatmapNode, mrml.UNCERTAINTY_ROLE)
+            uncertainty = None
+            if uncertaintyNode is not None and uncertaintyNode.GetImageData() is not None:
+                uncertainty = mrml.array_from_node(uncertaintyNode).astype(np.float32)
+                uncertainty = uncertainty if uncertainty.shape == heatmap.shape else None
             state = _ThresholdState(
                 heatmap=heatmap,
                 brainMask=heatmap != 0,
                 affine=mrml.ijk_to_ras(heatmapNode),
                 imageMTime=image.GetMTime(),
+                uncertainty=uncertainty,
+                lesionUncertainty=None if uncertainty is None else [],  # no lesions until thresholded
             )
-            self._thresholdStates[heatmapNode.GetID()] = state
+            self._thresholdStates[_state_key(heatmapNode)] = state
         return state
 
     def applyThreshold(
@@ -333,6 +377,7 @@ class AnomalyDetectionLogic:
         if labelNode.GetDisplayNode() is None:
             mrml.style_label(labelNode)
         state.lesions, state.threshold, state.minLesionVolumeMl = lesions, float(threshold), minLesionVolumeMl
+        state.lesionUncertainty = _lesion_means(state.uncertainty, labels, lesions)
         return lesions
 
     def brainMask(self, heatmapNode: Any) -> np.ndarray:
@@ -343,14 +388,29 @@ class AnomalyDetectionLogic:
         """The lesions of the last detection or threshold on ``heatmapNode``."""
         return list(self._thresholdState(heatmapNode).lesions)
 
+    def lesionUncertainty(self, heatmapNode: Any) -> list[float] | None:
+        """Mean epistemic uncertainty of each lesion of :meth:`lesions`; None when the model gives no
+        uncertainty map (the lesion table then has no uncertainty column)."""
+        values = self._thresholdState(heatmapNode).lesionUncertainty
+        return None if values is None else list(values)
+
+    def overlayNodes(self, heatmapNode: Any) -> list[Any]:
+        """The maps the slice views can show over the input: the heatmap, then the uncertainty nodes
+        made with it (epistemic, aleatoric) when the model gave them."""
+        extra = [mrml.sibling_output_node(heatmapNode, role) for role in mrml.UNCERTAINTY_ROLES]
+        return [heatmapNode] + [node for node in extra if node is not None]
+
     def report(self, heatmapNode: Any) -> dict:
-        """The engine's report, updated with the current threshold and lesions."""
+        """The engine's report, updated with the current threshold and lesions (and their uncertainty)."""
         state = self._thresholdState(heatmapNode)
         report = dict(state.report)
         if state.threshold is not None:
             report["threshold"] = state.threshold
         report["min_lesion_ml"] = state.minLesionVolumeMl
         report["lesions"] = [lesion.to_dict() for lesion in state.lesions]
+        if state.lesionUncertainty is not None:
+            for entry, value in zip(report["lesions"], state.lesionUncertainty, strict=True):
+                entry["mean_uncertainty"] = value  # the key of the CLI's report
         return report
 
     def jumpToLesion(self, scene: Any, lesion: Any) -> None:
@@ -368,7 +428,8 @@ class AnomalyDetectionLogic:
         fileFormat: str = "nii.gz",
         baseName: str | None = None,
     ) -> dict[str, Path]:
-        """Write heatmap and mask volumes (``nii.gz``, ``nii`` or ``nrrd``), report JSON and lesion CSV."""
+        """Write heatmap and mask volumes (``nii.gz``, ``nii`` or ``nrrd``), report JSON and lesion CSV;
+        also the uncertainty maps when the heatmap has them (named like the CLI's outputs)."""
         from .volume_io import save_volume
 
         if fileFormat not in ("nii.gz", "nii", "nrrd"):
@@ -387,6 +448,12 @@ class AnomalyDetectionLogic:
             "report": directory / f"{base}_report.json",
             "lesions": directory / f"{base}_lesions.csv",
         }
+        for node in self.overlayNodes(heatmapNode)[1:]:
+            role = node.GetAttribute(mrml.ROLE_ATTRIBUTE)
+            values, valuesAffine = mrml.volume_from_node(node)
+            paths[role] = save_volume(
+                directory / f"{base}_{role}.{fileFormat}", values.astype(np.float32), valuesAffine
+            )
         paths["report"].write_text(json.dumps(report, indent=2) + "\n")
         write_lesion_csv(paths["lesions"], report["lesions"])
         return paths
@@ -507,10 +574,24 @@ def _output_files(result: JobResult, outputDir: Path, stem: str) -> dict[str, Pa
     for output in result.outputs:
         if output.get("files"):
             return {key: Path(value) for key, value in output["files"].items()}
-    return {
-        key: outputDir / f"{stem}_{key}{suffix}"
-        for key, suffix in (("heatmap", ".nii.gz"), ("mask", ".nii.gz"), ("brainmask", ".nii.gz"), ("report", ".json"))
-    }
+    maps = ("heatmap", "mask", "brainmask", *mrml.UNCERTAINTY_ROLES)
+    return {**{key: outputDir / f"{stem}_{key}.nii.gz" for key in maps}, "report": outputDir / f"{stem}_report.json"}
+
+
+def _state_key(node: Any) -> str:
+    """Key of a heatmap's threshold state: node IDs repeat across scenes (each counts from 1), addresses do not."""
+    return node.__this__
+
+
+def _lesion_means(values: np.ndarray | None, labels: np.ndarray, lesions: Sequence[Any]) -> list[float] | None:
+    """Mean of ``values`` (e.g. the uncertainty map) over each lesion's voxels; None without ``values``."""
+    if values is None:
+        return None
+    if not lesions:
+        return []
+    from scipy import ndimage
+
+    return [float(v) for v in ndimage.mean(values, labels, [lesion.id for lesion in lesions])]
 
 
 def _safe_file_name(name: str) -> str:
@@ -519,12 +600,14 @@ def _safe_file_name(name: str) -> str:
 
 
 def write_lesion_csv(path: str | Path, lesions: Sequence[dict]) -> Path:
-    """One row per lesion: id, voxels, volume in mL, RAS centroid, max and mean score."""
+    """One row per lesion: id, voxels, volume in mL, RAS centroid, max and mean score, and the mean
+    uncertainty when the lesions have it (U2AD)."""
     path = Path(path)
     columns = ["id", "voxels", "volume_ml", "centroid_r", "centroid_a", "centroid_s", "max_score", "mean_score"]
+    extra = ["mean_uncertainty"] if lesions and all("mean_uncertainty" in lesion for lesion in lesions) else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(columns)
+        writer.writerow(columns + extra)
         for lesion in lesions:
             r, a, s = lesion["centroid_ras"]
             writer.writerow(
@@ -537,20 +620,25 @@ def write_lesion_csv(path: str | Path, lesions: Sequence[dict]) -> Path:
                     s,
                     lesion["max_score"],
                     lesion["mean_score"],
+                    *(lesion[key] for key in extra),
                 ]
             )
     return path
 
 
-def lesion_rows(lesions: Sequence[Any]) -> list[list[str]]:
-    """Table cells for the panel: id, volume (mL), max score, centroid (RAS, mm)."""
+def lesion_rows(lesions: Sequence[Any], uncertainty: Sequence[float] | None = None) -> list[list[str]]:
+    """Table cells for the panel (:data:`LESION_COLUMNS`): id, volume (mL), max score, centroid (RAS, mm),
+    and the mean uncertainty when ``uncertainty`` (one value per lesion) is given."""
+    if uncertainty is not None and len(uncertainty) != len(lesions):
+        raise ValueError(f"{len(uncertainty)} uncertainty values for {len(lesions)} lesions")
     rows = []
-    for lesion in lesions:
+    for index, lesion in enumerate(lesions):
         item = lesion if isinstance(lesion, dict) else lesion.to_dict()
         r, a, s = item["centroid_ras"]
-        rows.append(
-            [str(item["id"]), f"{item['volume_ml']:.2f}", f"{item['max_score']:.3f}", f"{r:.1f}, {a:.1f}, {s:.1f}"]
-        )
+        row = [str(item["id"]), f"{item['volume_ml']:.2f}", f"{item['max_score']:.3f}", f"{r:.1f}, {a:.1f}, {s:.1f}"]
+        if uncertainty is not None:
+            row.append(f"{uncertainty[index]:.3g}")
+        rows.append(row)
     return rows
 
 
