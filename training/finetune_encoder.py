@@ -239,7 +239,7 @@ def _edc_modules(backbone_channels: int, level_channels: list[int], blocks: int)
             stages, heads = [], []
             channels_in = backbone_channels
             for channels in reversed(level_channels):
-                width = int(min(max(channels, 64), 512))
+                width = int(min(max(channels, 32), 512))
                 stages.append(Stage(channels_in, width))
                 heads.append(nn.Conv2d(width, channels, 1))
                 channels_in = width
