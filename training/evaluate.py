@@ -358,20 +358,21 @@ _FAMILY_COLUMNS = (
 def markdown_table(report: dict) -> str:
     """The main Markdown table (rows = methods) and, when cases have families, a per-family table."""
     methods = report["methods"]
-    rows = [[name, *_cells(method["summary"], _COLUMNS)] for name, method in methods.items()]
-    lines = _table(["Method", *(c[0] for c in _COLUMNS)], rows)
+    rows = [[name, *format_cells(method["summary"], _COLUMNS)] for name, method in methods.items()]
+    lines = table_lines(["Method", *(c[0] for c in _COLUMNS)], rows)
     rows = [
-        [family, name, *_cells(summary, _FAMILY_COLUMNS)]
+        [family, name, *format_cells(summary, _FAMILY_COLUMNS)]
         for name, method in methods.items()
         for family, summary in method["families"].items()
     ]
     if rows:
         rows.sort(key=lambda row: (row[0], list(methods).index(row[1])))
-        lines += ["", *_table(["Family", "Method", *(c[0] for c in _FAMILY_COLUMNS)], rows)]
+        lines += ["", *table_lines(["Family", "Method", *(c[0] for c in _FAMILY_COLUMNS)], rows)]
     return "\n".join(lines)
 
 
-def _cells(summary: dict, columns) -> list[str]:
+def format_cells(summary: dict, columns) -> list[str]:
+    """One table row: each ``(header, getter, format)`` column applied to ``summary``; "-" when undefined."""
     cells = []
     for _, get, fmt in columns:
         value = get(summary)
@@ -382,7 +383,8 @@ def _cells(summary: dict, columns) -> list[str]:
     return cells
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table (first column left-aligned, the others right-aligned)."""
     return [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
