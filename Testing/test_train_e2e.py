@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 
@@ -38,14 +39,22 @@ def _history(path) -> list[dict]:
 
 def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
     out, name = tiny_model.output_dir, tiny_model.name
+    board = (".tb",) if importlib.util.find_spec("tensorboard") else ()  # TensorBoard scalars when installed
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{name}{s}" for s in (".json", ".safetensors", ".checkpoint.json", ".checkpoint.safetensors",
-                               ".history.csv", ".curves.png"))
+                               ".history.csv", ".curves.png", *board))
     rows = _history(out / f"{name}.history.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, TINY_EPOCHS + 1))
-    for key in ("loss", "val_auroc", "val_auprc", "val_max_dice", "elapsed_s"):
+    for key in ("loss", "ml", "val_auroc", "val_auprc", "val_max_dice", "elapsed_s"):
         values = [float(r[key]) for r in rows]
         assert np.isfinite(values).all(), key
+    # Optimizer steps so far: the same number every epoch (one sub-batch per training volume here).
+    assert [int(r["step"]) for r in rows] == [5 * epoch for epoch in range(1, TINY_EPOCHS + 1)]
+    # The loss parts: maximum likelihood only in the first epoch, then SPP's pull and push; they add up.
+    assert rows[0]["pull"] == rows[0]["push"] == ""
+    for row in rows[1:]:
+        parts = float(row["ml"]) + float(row["pull"]) + float(row["push"])
+        assert parts == pytest.approx(float(row["loss"]), rel=1e-4)
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed)
     assert all(0.0 <= float(r["val_auroc"]) <= 1.0 for r in rows)

@@ -49,7 +49,11 @@ class Context:
         if self.active:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            # NCCL reduces GPU tensors only; the trainer's bookkeeping tensors live on the CPU.
+            work = tensor.cuda() if dist.get_backend() == "nccl" else tensor
+            dist.all_reduce(work, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            if work is not tensor:
+                tensor.copy_(work)
         return tensor
 
     def broadcast(self, value: T, src: int = 0) -> T:

@@ -3,7 +3,9 @@
 Features of the frozen encoder are computed once per volume and kept in memory (the encoder
 does not change during training, so recomputing them every epoch, as the public code does,
 only costs time). Each epoch then fits the flow with maximum likelihood plus the Semi-Push-Pull
-loss on Gaussian-noise synthetic anomalies.
+loss (or the public code's triplet variant) on Gaussian-noise synthetic anomalies. Under
+``torchrun`` the volumes are sharded over the processes and the flow trained with DDP
+(``distributed.py``); rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
@@ -317,9 +319,8 @@ def train(
     if context.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        # The flow's buffers (fixed permutations) are equal on all ranks after the initial broadcast.
-        flow = DistributedDataParallel(net.flow, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+        # Copies rank 0's flow (also FrEIA's fixed random permutations) to every rank, then averages gradients.
+        flow = DistributedDataParallel(net.flow, device_ids=[device.index] if device.type == "cuda" else None)
     log = TrainingLog(output, progress, history, write=context.is_writer)
     step = int(history.rows[-1].get("step") or 0) if history.rows else 0
     best_state, best_auroc = None, -math.inf
@@ -678,6 +679,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         return train_u2ad.run(args, progress)
     if not context.is_writer:
         progress = Progress(progress.task, "none")  # rank 0 reports for the job
+    import torch
+
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
@@ -713,6 +716,10 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if context.active:
         progress.info(f"distributed training: {context.world_size} processes ({backend}); training volumes sharded "
                       "by rank, rank 0 validates and writes")
+    # The flow's initial weights (torch) and FrEIA's fixed permutations (numpy's global generator) come
+    # from --seed too, so a run can be repeated.
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
     try:
         net = SliceNetModel(config, encoder_weights=args.encoder_weights).to(device.name)
     except ValueError as exc:
