@@ -102,7 +102,7 @@ def test_triplet_is_used_from_the_first_epoch_and_empty_sets_stay_finite():
     empty = torch.zeros(0, requires_grad=True)
     loss, parts = triplet_loss(empty, torch.zeros(0), TrainConfig(loss="triplet"))
     loss.backward()
-    assert float(loss) == 0.0 and parts == {"ml": 0.0}
+    assert loss.item() == 0.0 and parts == {"ml": 0.0}
 
 
 # --- slab aggregation and geometry ---------------------------------------------------------------
