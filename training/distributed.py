@@ -117,4 +117,7 @@ def cleanup(context: Context) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # A rank that tears gloo down while its peer is still sending aborts the peer
+            # ("terminate called without an active exception"): leave together.
+            dist.barrier()
             dist.destroy_process_group()
