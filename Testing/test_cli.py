@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -225,3 +227,11 @@ def test_usage_error_is_one_line(tmp_path):
     result = run_cli("detect", "a.nii.gz", "b.nii.gz", "--output-dir", str(tmp_path / "out"), "--mask", "m.nii.gz")
     assert result.returncode == 1
     assert _error_lines(result.stderr) and "--mask" in _error_lines(result.stderr)[0]
+
+
+def test_building_the_command_line_does_not_load_torch():
+    # Slicer calls `models --json` and `--help`-like commands often; loading torch and timm took seconds.
+    code = "import sys; from SimpleSliceNetLib.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -308,7 +308,7 @@ def train_u2ad(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """U2AD options of ``simpleslicenet train`` (used with ``--method u2ad``)."""
-    from SimpleSliceNetLib.u2ad import U2ADConfig
+    from SimpleSliceNetLib.u2ad_config import U2ADConfig
 
     g = p.add_argument_group("U2AD (--method u2ad)")
     g.add_argument("--guidance", default=U2ADTrainConfig.guidance, choices=GUIDANCE,

@@ -14,21 +14,9 @@ from torch import nn
 from .encoder import EncoderConfig, SliceEncoder, build_backbone
 from .flow import FlowConfig, build_flow, log_likelihood, positional_encoding
 from .preprocess import PreprocessConfig
+from .scoring import ScoringConfig
 
 AGGREGATIONS = ("mean", "max")
-
-
-@dataclass
-class ScoringConfig:
-    """How likelihoods become the heatmap, and the calibrated threshold on it."""
-
-    smoothing_mm: float = 4.0
-    # heatmap = (negative log-likelihood per dim - offset) / scale, set from healthy volumes at
-    # training time so that 0 is typical healthy tissue and ``threshold`` the calibrated cut.
-    offset: float = 0.0
-    scale: float = 1.0
-    threshold: float = 1.0
-    calibration: dict = field(default_factory=dict)
 
 
 @dataclass
