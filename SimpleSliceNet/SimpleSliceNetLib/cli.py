@@ -138,7 +138,7 @@ def _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, t
         timings["write_s"] = round(time.perf_counter() - started, 3)
         report = build_report(str(input_path), result, lesions, threshold, detector.info, detector.device.name,
                               volume.affine, timings)
-        _add_method_details(report, result, labels, extra)
+        _add_method_details(report, result, labels, lesions, extra)
         (scratch / f"{stem}_report.json").write_text(json.dumps(report, indent=2) + "\n")
         for name in sorted(p.name for p in scratch.iterdir()):
             target = out_dir / name
@@ -149,14 +149,14 @@ def _write_outputs(out_dir, stem, input_path, volume, result, labels, lesions, t
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _add_method_details(report: dict, result, labels, extra: dict) -> None:
+def _add_method_details(report: dict, result, labels, lesions, extra: dict) -> None:
     """Per-lesion mean uncertainty and per-slab scores, for models that give them (U2AD)."""
-    if "uncertainty" in extra and report["lesions"]:
-        from scipy import ndimage
+    from .lesions import lesion_means
 
-        ids = [entry["id"] for entry in report["lesions"]]
-        for entry, value in zip(report["lesions"], ndimage.mean(extra["uncertainty"], labels, ids), strict=True):
-            entry["mean_uncertainty"] = float(value)
+    means = lesion_means(extra.get("uncertainty"), labels, lesions)
+    if means is not None:
+        for entry, value in zip(report["lesions"], means, strict=True):
+            entry["mean_uncertainty"] = value
     if result.slab_scores:
         report["slab_scores"] = result.slab_scores
 

@@ -88,3 +88,10 @@ def extract_lesions(
         )
     out[box][inside] = remap[label]
     return out, lesions
+
+
+def lesion_means(values: np.ndarray | None, labels: np.ndarray, lesions: list[Lesion]) -> list[float] | None:
+    """Mean of ``values`` (e.g. the uncertainty map) over each lesion's voxels; None without ``values``."""
+    if values is None:
+        return None
+    return [float(v) for v in ndimage.mean(values, labels, [lesion.id for lesion in lesions])] if lesions else []

@@ -258,7 +258,7 @@ class AnomalyDetectionLogic:
         messages: list[str],
         result: JobResult,
     ) -> DetectionResult:
-        from .lesions import extract_lesions
+        from .lesions import extract_lesions, lesion_means
         from .volume_io import load_volume
 
         # Everything that can fail happens before the scene is touched.
@@ -280,7 +280,7 @@ class AnomalyDetectionLogic:
         affine = mrml.ijk_to_ras(inputNode)
         labels, lesions = extract_lesions(heatmap, affine, usedThreshold, brainMask, minLesionVolumeMl)
         uncertainty = extra.get(mrml.UNCERTAINTY_ROLE)
-        lesionUncertainty = _lesion_means(uncertainty, labels, lesions)
+        lesionUncertainty = lesion_means(uncertainty, labels, lesions)
 
         scene = inputNode.GetScene()
         given = {mrml.HEATMAP_ROLE: heatmapNode, mrml.LABEL_ROLE: labelNode}
@@ -364,7 +364,7 @@ class AnomalyDetectionLogic:
         self, heatmapNode: Any, labelNode: Any, threshold: float, minLesionVolumeMl: float = 0.0
     ) -> list:
         """Rebuild the label map at ``threshold`` and return the lesions; the model is not run."""
-        from .lesions import extract_lesions
+        from .lesions import extract_lesions, lesion_means
 
         state = self._thresholdState(heatmapNode)
         labels, lesions = extract_lesions(
@@ -377,7 +377,7 @@ class AnomalyDetectionLogic:
         if labelNode.GetDisplayNode() is None:
             mrml.style_label(labelNode)
         state.lesions, state.threshold, state.minLesionVolumeMl = lesions, float(threshold), minLesionVolumeMl
-        state.lesionUncertainty = _lesion_means(state.uncertainty, labels, lesions)
+        state.lesionUncertainty = lesion_means(state.uncertainty, labels, lesions)
         return lesions
 
     def brainMask(self, heatmapNode: Any) -> np.ndarray:
@@ -581,17 +581,6 @@ def _output_files(result: JobResult, outputDir: Path, stem: str) -> dict[str, Pa
 def _state_key(node: Any) -> str:
     """Key of a heatmap's threshold state: node IDs repeat across scenes (each counts from 1), addresses do not."""
     return node.__this__
-
-
-def _lesion_means(values: np.ndarray | None, labels: np.ndarray, lesions: Sequence[Any]) -> list[float] | None:
-    """Mean of ``values`` (e.g. the uncertainty map) over each lesion's voxels; None without ``values``."""
-    if values is None:
-        return None
-    if not lesions:
-        return []
-    from scipy import ndimage
-
-    return [float(v) for v in ndimage.mean(values, labels, [lesion.id for lesion in lesions])]
 
 
 def _safe_file_name(name: str) -> str:
