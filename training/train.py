@@ -161,11 +161,7 @@ def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float
 
 def _heatmap(net, item: VolumeItem) -> np.ndarray:
     """The model's current heatmap of a validation item on its input grid."""
-    cfg = net.config
-    coarse = net.score_map(net.nll_grid(item.features.to(net.feature_mean.device)))
-    heat = item.pre.mapping.coarse(cfg.map_factor).to_input(coarse)
-    heat[~item.pre.input_brain] = 0.0
-    return heat
+    return net.input_heatmap(net.nll_grid(item.features.to(net.feature_mean.device)), item.pre)
 
 
 def validate(net, items: list[VolumeItem], heatmap=_heatmap) -> dict:

@@ -99,8 +99,7 @@ class Detector:
             lap("encode_s")
             nll = self.net.nll_grid(features)
             lap("flow_s")
-            coarse = self.net.score_map(nll)
-            heatmap = pre.mapping.coarse(cfg.map_factor).to_input(coarse, where=pre.input_brain)
+            heatmap = self.net.input_heatmap(nll, pre)
             lap("map_s")
         else:
             from .u2ad import analyse

@@ -13,7 +13,7 @@ from torch import nn
 
 from .encoder import EncoderConfig, SliceEncoder, build_backbone
 from .flow import FlowConfig, build_flow, log_likelihood, positional_encoding
-from .preprocess import PreprocessConfig
+from .preprocess import PreprocessConfig, Preprocessed
 from .scoring import ScoringConfig
 
 AGGREGATIONS = ("mean", "max")
@@ -131,6 +131,11 @@ class SliceNetModel(nn.Module):
         with torch.inference_mode():
             out = [-self.log_likelihood(flat[i : i + chunk], pos[i : i + chunk]) for i in range(0, len(flat), chunk)]
         return torch.cat(out).view(features.shape[:3])
+
+    def input_heatmap(self, nll: torch.Tensor, pre: Preprocessed) -> np.ndarray:
+        """The calibrated heatmap on ``pre``'s input grid: brain voxels only, 0 elsewhere."""
+        coarse = self.score_map(nll)
+        return pre.mapping.coarse(self.config.map_factor).to_input(coarse, where=pre.input_brain)
 
     def score_map(self, nll: torch.Tensor) -> np.ndarray:
         """Upsampled, smoothed, calibrated heatmap on the map grid (model grid / ``map_factor``)."""
