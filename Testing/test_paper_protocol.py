@@ -50,7 +50,7 @@ def test_plan_and_resume_states(tmp_path, capsys):
     prepare, train, evaluate = (line.split(" ", 2)[2] for line in lines[:3])
     assert prepare.startswith("prepare --data") and "--skull-strip template" in prepare
     assert f"--train {tmp_path / 'out' / 'ixi_prepared' / 'cases.json'} --train-split train" in train
-    assert "--val-split val" in train and "--preset paper --encoder-weights timm" in train and "--modality T2" in train
+    assert "--val-split val" in train and "--preset paper --encoder-weights timm" in train and "--contrast t2" in train
     assert "--split test" in evaluate and "--brats-val-cases 251" in evaluate and "--contrast t2" in evaluate
 
     # A finished prepare step is skipped; an interrupted train resumes; what follows a rerun step runs again.
@@ -80,7 +80,7 @@ def test_paper_table_end_to_end_on_fake_ixi_and_brats(tmp_path):
 
     model = json.loads((out / "model" / "paper-t2.json").read_text())
     assert model["training"]["train_volumes"] == 3 and model["training"]["val_volumes"] == 2
-    assert model["modality"] == "T2"
+    assert model["modality"] == "T2"  # train's --contrast t2 sets it
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     cases = [record["case"] for record in metrics["methods"]["SimpleSliceNet"]["cases"]]
     assert cases == ["BraTS2021_00003", "BraTS2021_00004"]  # the cases after the first 2 by id

@@ -9,7 +9,7 @@ from conftest import BRAIN_AXES, BRAIN_CENTRE, grid_affine, phantom, rotation, w
 from scipy import ndimage
 
 from SimpleSliceNetLib.errors import VolumeError
-from SimpleSliceNetLib.preprocess import GridMapping, PreprocessConfig, model_affine, preprocess
+from SimpleSliceNetLib.preprocess import SUPERIOR_MARGIN_MM, GridMapping, PreprocessConfig, model_affine, preprocess
 from SimpleSliceNetLib.volume_io import Volume
 
 CONFIG = PreprocessConfig(shape=(64, 64, 48), spacing=(2.5, 2.5, 3.0))
@@ -269,9 +269,38 @@ def test_too_little_brain_is_refused():
     assert "speck.nii.gz" in str(exc.value) and "--mask" in str(exc.value)
 
 
+@pytest.mark.parametrize("grid", ["lps_aniso", "oblique_aniso", "permuted_sagittal"])
+def test_superior_anchor_puts_the_vertex_at_the_grid_top_whatever_the_inferior_coverage(grid):
+    config = PreprocessConfig(shape=(64, 64, 48), spacing=(2.5, 2.5, 3.0), anchor="superior")
+    shape, affine = GRIDS[grid]
+    volume = _phantom_volume(grid)
+    full = preprocess(volume, config)
+    # The top slice's centre sits the margin above the height with 2 mL of brain above it, which on a rounded
+    # top lies a few mm below the vertex: the grid's top is at the vertex within a couple of voxels.
+    top_z = (full.mapping.model_affine @ np.array([0.0, 0.0, config.shape[2] - 1, 1.0]))[2]
+    vertex = BRAIN_CENTRE[2] + BRAIN_AXES[2]
+    assert abs(top_z - vertex) < SUPERIOR_MARGIN_MM + 2.0
+    # Cutting away the inferior third of the brain (a short field of view) moves the grid by at most a
+    # fraction of a slice; centring on the brain would move it by a sixth of the brain's height.
+    ras_z = world_coordinates(shape, affine)[..., 2]
+    cut = BRAIN_CENTRE[2] - BRAIN_AXES[2] / 3
+    truncated = Volume(np.where(ras_z > cut, volume.array, 0.0).astype(np.float32), affine)
+    shifted = preprocess(truncated, config).mapping.model_affine[:3, 3] - full.mapping.model_affine[:3, 3]
+    assert abs(shifted[2]) < 0.5 * config.spacing[2]
+    centred = PreprocessConfig(shape=config.shape, spacing=config.spacing)
+    moved = (preprocess(truncated, centred).mapping.model_affine[2, 3]
+             - preprocess(volume, centred).mapping.model_affine[2, 3])
+    assert moved > BRAIN_AXES[2] / 4
+    # In-plane the grid stays centred on the brain.
+    centre = full.mapping.model_affine @ np.append((np.array(config.shape) - 1) / 2, 1.0)
+    np.testing.assert_allclose(centre[:2], BRAIN_CENTRE[:2], atol=3.0)
+
+
 def test_config_validation_and_serialisation():
     with pytest.raises(ValueError):
         PreprocessConfig(slice_axis="oblique")
+    with pytest.raises(ValueError):
+        PreprocessConfig(anchor="inferior")
     config = PreprocessConfig(shape=[64, 64, 48], spacing=[2, 2, 3])
     assert config.shape == (64, 64, 48) and config.spacing == (2.0, 2.0, 3.0)
     assert PreprocessConfig(**config.to_dict()) == config

@@ -25,6 +25,7 @@ from SimpleSliceNetLib.resources import bundled_models_dir
 from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 from SimpleSliceNetTraining import train
 from SimpleSliceNetTraining.distributed import Context
+from SimpleSliceNetTraining.grid_options import grid_config
 from SimpleSliceNetTraining.train import (
     History,
     TrainConfig,
@@ -251,6 +252,27 @@ def test_defaults_are_todays_configuration():
     assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
         (3, None, "mean", True, 8)
     assert args.shape is None and args.spacing is None
+
+
+def test_modality_follows_the_contrast_unless_given():
+    for extra, modality in (((), "T1"), (("--contrast", "flair"), "FLAIR"), (("--contrast", "t1ce"), "T1ce"),
+                            (("--contrast", "t2", "--modality", "T2w"), "T2w")):
+        args = _train_args(*extra)
+        train.resolve_options(args)
+        assert args.modality == modality
+
+
+def test_grid_options_build_the_model_grid():
+    config = grid_config(_train_args("--shape", "64,64,32", "--spacing", "2,2,3", "--anchor", "superior",
+                                     "--slice-axis", "coronal"), PreprocessConfig())
+    assert (config.shape, config.spacing, config.anchor, config.slice_axis) == \
+        ((64, 64, 32), (2.0, 2.0, 3.0), "superior", "coronal")
+    u2ad_grid = PreprocessConfig(shape=(128, 128, 64), spacing=(1.5, 1.5, 2.4))
+    assert grid_config(_train_args(), u2ad_grid) == u2ad_grid  # silent options keep the method's grid
+    for bad, message in ((("--shape", "64,64"), "three values"), (("--spacing", "1,x,1"), "--spacing expects"),
+                         (("--shape", "64,0,32"), "positive")):
+        with pytest.raises(UserError, match=message):
+            grid_config(_train_args(*bad), PreprocessConfig())
 
 
 def test_paper_preset_with_explicit_overrides_and_the_encoder_alias(tmp_path):

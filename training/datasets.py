@@ -36,6 +36,8 @@ MANIFEST_NAME = "cases.json"
 MANIFEST_FORMAT = "simpleslicenet-cases"
 MASK_SUFFIXES = ("_mask", "_seg", "_label")
 CONTRASTS = ("t1", "t1ce", "t2", "flair", "pd")
+# The modality a model trained on each contrast records (what `models` and the Slicer module show).
+MODALITY = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR", "pd": "PD"}
 SPLITS = ("train", "val", "test")
 ALL_SPLITS = "all"
 # The paper's protocol: BraTS2021 sorted by case id, the first 251 cases validate, the remaining 1000 test.

@@ -40,6 +40,8 @@ from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import atomic_path
 
+from .grid_options import add_grid_arguments, grid_config, parse_numbers
+
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Volume slices with less brain than this fraction of the slice carry almost no signal to learn from.
@@ -409,9 +411,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--levels", help="stages the decoder reconstructs (default: the three before the deepest)")
     p.add_argument("--encoder-weights", default="imagenet",
                    help="starting weights: imagenet (offline package), timm (download), none or a weights file")
-    p.add_argument("--shape", help="model grid: in-plane rows, columns, slices (default 192,192,96)")
-    p.add_argument("--spacing", help="model grid spacing in mm (default 1,1,1.5)")
-    p.add_argument("--slice-axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    add_grid_arguments(p, "192,192,96 at 1,1,1.5 mm")
     defaults = FinetuneConfig()
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (EDC: 4000)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="slices per step (EDC: 32)")
@@ -436,20 +436,16 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.preprocess import PreprocessConfig
 
     from .synth import TEMPLATES
-    from .train import _floats, _ints
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the encoder file must end in .safetensors")
     if args.steps < 1 or args.batch_size < 1 or args.max_slices < 1:
         raise UserError("--steps, --batch-size and --max-slices must be at least 1")
-    shape, spacing = _ints(args.shape or "192,192,96", "shape"), _floats(args.spacing or "1,1,1.5", "spacing")
-    if len(shape) != 3 or len(spacing) != 3:
-        raise UserError("--shape and --spacing take three values each")
-    preprocess_config = PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis)
-    encoder_config = EncoderConfig(backbone=args.backbone, taps=_ints(args.taps, "taps"))
+    preprocess_config = grid_config(args, PreprocessConfig())
+    encoder_config = EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int))
     # Inputs are normalised with EncoderConfig's mean/std: what `train --encoder-weights FILE` uses.
-    levels = _ints(args.levels, "levels") if args.levels else None
+    levels = parse_numbers(args.levels, "levels", int) if args.levels else None
     config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr_encoder=args.lr_encoder,
                             lr_decoder=args.lr_decoder, weight_decay=args.weight_decay,
                             decoder_blocks=args.decoder_blocks, seed=args.seed, time_budget_min=args.time_budget_min)

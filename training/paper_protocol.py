@@ -79,8 +79,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         train_source = str(prepared / MANIFEST_NAME)
     model = out / "model" / f"{args.name}.json"
     train = ["train", "--train", train_source, "--train-split", "train", "--val", brats, "--val-split", "val",
-             "--name", args.name, "--output-dir", str(model.parent), "--modality", args.contrast.upper(),
-             "--seed", str(args.seed), *split]
+             "--name", args.name, "--output-dir", str(model.parent), "--seed", str(args.seed), *split]
     for option, value in (("--epochs", args.epochs), ("--preset", args.preset),
                           ("--encoder-weights", args.encoder_weights)):
         if value is not None:

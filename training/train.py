@@ -26,6 +26,7 @@ from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import atomic_path
 
 from .distributed import Context
+from .grid_options import add_grid_arguments, grid_config, parse_numbers
 
 
 @dataclass
@@ -575,6 +576,10 @@ def resolve_options(args: argparse.Namespace) -> None:
     for key in {**OPTION_DEFAULTS, **preset}:
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
+    if args.modality is None:
+        from .datasets import MODALITY
+
+        args.modality = MODALITY[args.contrast]
 
 
 def add_parser(subparsers) -> None:
@@ -620,9 +625,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--encoder-weights", "--encoder", dest="encoder_weights",
                    help="imagenet (offline package; default), timm (download: online only), none, or a weights file "
                         "(safetensors with timm names, e.g. from simpleslicenet finetune-encoder)")
-    p.add_argument("--shape", help="model grid: in-plane rows, columns, slices (default 192,192,96; u2ad 128,128,64)")
-    p.add_argument("--spacing", help="model grid spacing in mm (default 1,1,1.5; u2ad 1.5,1.5,2.4)")
-    p.add_argument("--slice-axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    add_grid_arguments(p, "192,192,96 at 1,1,1.5 mm; u2ad 128,128,64 at 1.5,1.5,2.4 mm")
     p.add_argument("--group", type=int, help="consecutive slices aggregated into one slab vector (default 3)")
     p.add_argument("--slab-stride", type=int,
                    help="slices from one slab's start to the next (default: --group, slabs do not overlap; smaller "
@@ -632,7 +635,7 @@ def add_parser(subparsers) -> None:
                    help="condition the flow on the slab's position along the slices too (default; the paper's code "
                         "encodes the in-plane position only: --no-slab-position)")
     p.add_argument("--blocks", type=int, help="flow blocks (default 8)")
-    p.add_argument("--modality", default="T1")
+    p.add_argument("--modality", help="the input contrast the model records (default: from --contrast, e.g. T1)")
     p.add_argument("--description", default="")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
@@ -645,20 +648,6 @@ def add_parser(subparsers) -> None:
 
     train_u2ad.add_arguments(p)
     p.set_defaults(func=run)
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError as exc:
-        raise UserError(f"--{what} expects comma-separated integers, got {text!r}") from exc
-
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise UserError(f"--{what} expects comma-separated numbers, got {text!r}") from exc
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
@@ -691,12 +680,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if not train_cases:
         raise UserError(f"{args.train}: no healthy training volumes found")
     val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
-    shape, spacing = _ints(args.shape or "192,192,96", "shape"), _floats(args.spacing or "1,1,1.5", "spacing")
-    if len(shape) != 3 or len(spacing) != 3:
-        raise UserError("--shape and --spacing take three values each")
     config = SliceNetConfig(
-        preprocess=PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis),
-        encoder=EncoderConfig(backbone=args.backbone, taps=_ints(args.taps, "taps"),
+        preprocess=grid_config(args, PreprocessConfig()),
+        encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
                               channels_per_tap=args.channels_per_tap),
         flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
         group=args.group,

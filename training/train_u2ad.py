@@ -30,12 +30,11 @@ import numpy as np
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 
+from .grid_options import grid_config
 from .train import (
     History,
     TrainingLog,
     VolumeItem,
-    _floats,
-    _ints,
     _load_checkpoint,
     _save_checkpoint,
     calibrate,
@@ -335,7 +334,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, progress: Progress) -> int:
     """``simpleslicenet train --method u2ad``."""
     from SimpleSliceNetLib.devices import choose_device
-    from SimpleSliceNetLib.preprocess import PreprocessConfig
     from SimpleSliceNetLib.resources import user_models_dir
     from SimpleSliceNetLib.u2ad import U2ADConfig, U2ADModel
 
@@ -348,14 +346,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         progress.info(f"same-dataset mode: {abnormal} of {len(train_cases)} training volumes are labelled lesion; "
                       "labels are not used")
     val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
-    grid = U2ADConfig().preprocess
-    shape = _ints(args.shape, "shape") if args.shape else grid.shape
-    spacing = _floats(args.spacing, "spacing") if args.spacing else grid.spacing
-    if len(shape) != 3 or len(spacing) != 3:
-        raise UserError("--shape and --spacing take three values each")
     try:
         config = U2ADConfig(
-            preprocess=PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis),
+            preprocess=grid_config(args, U2ADConfig().preprocess),
             patch=args.patch, encoder_depth=args.encoder_depth, encoder_dim=args.encoder_dim,
             decoder_depth=args.decoder_depth, decoder_dim=args.decoder_dim, mask_ratio=args.mask_ratio,
             samples=args.samples, seed=args.seed,

@@ -23,6 +23,10 @@ SLICE_AXES = {
     "sagittal": ((0, 1, 0), (0, 0, 1), (1, 0, 0)),
 }
 
+ANCHORS = ("centre", "superior")
+SUPERIOR_MARGIN_MM = 4.0  # room above the brain's top (below) for the vertex itself
+TOP_ML = 2.0  # the brain's top for the superior anchor: the height with this much brain above it
+
 
 @dataclass
 class PreprocessConfig:
@@ -35,6 +39,10 @@ class PreprocessConfig:
     # Voxels darker than this fraction of the bright end count as background (skull-stripped input).
     background_fraction: float = 0.02
     min_brain_ml: float = 50.0
+    # Where the grid sits on the brain: "centre" of its bounding box, or "superior": the grid's top just
+    # above the vertex, which every scan covers, while inferior coverage (brainstem, cerebellum, cut-off
+    # fields of view) varies from scan to scan and would shift every slice's position with it.
+    anchor: str = "centre"
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -42,6 +50,8 @@ class PreprocessConfig:
         self.clip_percentiles = tuple(float(p) for p in self.clip_percentiles)
         if self.slice_axis not in SLICE_AXES:
             raise ValueError(f"slice_axis must be one of {sorted(SLICE_AXES)}, not {self.slice_axis!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, not {self.anchor!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,8 +197,8 @@ def preprocess(
     if hi_all - lo_all <= 1e-6 * max(abs(hi_all), 1.0):
         raise VolumeError(f"{name}: the brain region has constant intensity; this is not an MRI to analyse")
 
-    mapping = GridMapping(volume.affine, data.shape, model_affine(config, _mask_centre(input_mask, volume.affine)),
-                          config.shape)
+    centre = _grid_centre(input_mask, volume.affine, config)
+    mapping = GridMapping(volume.affine, data.shape, model_affine(config, centre), config.shape)
     image, brain = mapping.to_model([data, input_mask], order=1)
     brain = brain > 0.5
     inside = _inside(np.linalg.inv(mapping.model_affine) @ mapping.input_affine, data.shape, config.shape)
@@ -203,9 +213,20 @@ def preprocess(
                         {"brain_ml": round(brain_ml, 1), "intensity_range": [float(lo), float(hi)]})
 
 
-def _mask_centre(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Centre (RAS) of the bounding box of the mask's voxels, robust to a few stray voxels."""
+def _grid_centre(mask: np.ndarray, affine: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """RAS centre of the model grid: the centre of the mask's bounding box (robust to a few stray voxels);
+    with the superior anchor, moved in z so the grid's top sits SUPERIOR_MARGIN_MM above the brain's top."""
     index = np.argwhere(mask[::2, ::2, ::2]) * 2
     ras = index @ affine[:3, :3].T + affine[:3, 3]
     lo, hi = np.percentile(ras, [0.5, 99.5], axis=0)
-    return (lo + hi) / 2.0
+    centre = (lo + hi) / 2.0
+    if config.anchor == "superior":
+        # The top is the height with TOP_ML of brain above it: an absolute amount, so cutting the brain
+        # inferiorly does not move it (a percentile would).
+        ml_per_point = 8.0 * abs(np.linalg.det(affine[:3, :3])) / 1000.0
+        k = min(int(TOP_ML / ml_per_point), len(ras) - 1)
+        top = -np.partition(-ras[:, 2], k)[k]
+        axes = np.array(SLICE_AXES[config.slice_axis], dtype=float).T
+        half_height = (np.abs(axes) @ ((np.asarray(config.shape) - 1) / 2.0 * np.asarray(config.spacing)))[2]
+        centre[2] = top + SUPERIOR_MARGIN_MM - half_height
+    return centre
