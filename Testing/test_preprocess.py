@@ -95,8 +95,20 @@ def test_masked_and_multi_channel_resampling_match_the_full_one(grid):
     # Channels share one sampling grid and come back in order; Fortran-ordered input (as NIfTI reads) too.
     truth = np.asfortranarray(blob_field(mapping.input_shape, mapping.input_affine))
     first, second = mapping.to_model([truth, 2.0 * truth])
-    np.testing.assert_allclose(first, mapping.to_model(np.ascontiguousarray(truth)), atol=1e-6)
+    np.testing.assert_allclose(first, mapping.to_model(np.ascontiguousarray(truth)), atol=1e-5)  # float32 positions
     np.testing.assert_allclose(second, 2.0 * first, atol=1e-5)
+    # Big-endian, reversed-stride, mixed-layout and integer or bool inputs read the same values.
+    reference = mapping.to_model(np.ascontiguousarray(truth))
+    big_endian = truth.astype(">f4")
+    reversed_copy = np.ascontiguousarray(truth[::-1, ::-1, ::-1])[::-1, ::-1, ::-1]
+    for variant in (big_endian, reversed_copy):
+        np.testing.assert_allclose(mapping.to_model(variant), reference, atol=1e-5)
+    mixed = mapping.to_model([truth, np.ascontiguousarray(truth)])
+    np.testing.assert_allclose(mixed[1], reference, atol=1e-5)
+    counts, flags = (truth * 1000).astype(np.int16), truth > 0.5
+    as_int, as_bool = mapping.to_model([counts, flags])
+    np.testing.assert_allclose(as_int, mapping.to_model(counts.astype(np.float32)), atol=1e-3)
+    np.testing.assert_allclose(as_bool, mapping.to_model(flags.astype(np.float32)), atol=1e-6)
 
 
 @pytest.mark.parametrize("slice_axis", ["axial", "coronal", "sagittal"])

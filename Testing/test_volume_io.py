@@ -270,12 +270,32 @@ def test_atomic_path_leaves_old_file_untouched_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
 
 
-def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["heat.nii.gz", "heat.nii"])
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch, name):
     def broken_save(image, filename):
         Path(filename).write_bytes(b"partial")
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    real_write = Path.write_bytes
+
+    def broken_write(self, data):
+        real_write(self, data[:100])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(nib, "save", broken_save)  # the .nii writer
+    monkeypatch.setattr(Path, "write_bytes", broken_write)  # the .nii.gz writer
     with pytest.raises(OSError):
-        save_volume(tmp_path / "heat.nii.gz", _array(), np.eye(4))
+        save_volume(tmp_path / name, _array(), np.eye(4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_nifti_gz_is_plain_gzip_with_the_exact_grid(tmp_path):
+    affine = np.array([[-0.9, 0.1, 0.0, 91.0], [0.0, 1.1, -0.2, -120.0], [0.05, 0.0, 2.5, -70.0], [0, 0, 0, 1]])
+    array = _array()
+    path = save_volume(tmp_path / "heat.nii.gz", array, affine)
+    with gzip.open(path) as raw:  # the standard library reads it: ordinary gzip
+        assert raw.read(348)[344:348] == b"n+1\x00"  # a single-file NIfTI-1 header
+    image = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), array)
+    np.testing.assert_allclose(image.affine, affine, atol=1e-6)
+    assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1

