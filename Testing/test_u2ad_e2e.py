@@ -29,7 +29,12 @@ def test_train_then_detect_finds_the_planted_lesion(synth_set, tmp_path):
     assert [r["phase"] for r in rows] == ["random", "random", "eu", "eu+au", "eu+au", "eu+au"]
     assert "mc_eu" in rows[2] and "mc_au" in rows[4]  # Monte-Carlo passes before epochs 3 and 5
     meta = json.loads((out / "u2ad-tiny.json").read_text())
-    assert meta["method"] == "u2ad" and meta["config"]["scoring"]["threshold"] == 1.0
+    scoring = meta["config"]["scoring"]
+    # Calibrated on the healthy validation volume; the stored threshold is the validation lesion's best-Dice
+    # cut, the same rule as SimpleSliceNet's.
+    assert meta["method"] == "u2ad" and scoring["calibration"]["healthy_volumes"] == 1
+    assert scoring["calibration"]["threshold_rule"] == "max pooled Dice on validation lesion volumes"
+    assert np.isfinite(scoring["threshold"]) and scoring["threshold"] != 1.0
 
     detected = tmp_path / "detect"
     result = run_cli("detect", str(synth_set.test_lesion), "--model", str(out / "u2ad-tiny.json"),

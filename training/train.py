@@ -185,13 +185,13 @@ def validate(net, items: list[VolumeItem], heatmap=_heatmap) -> dict:
     }
 
 
-def dice_threshold(net, items: list[VolumeItem]) -> float:
+def dice_threshold(net, items: list[VolumeItem], heatmap=_heatmap) -> float:
     """The heatmap threshold with the best Dice over all ``items``' brain voxels pooled."""
     from .metrics import PooledCurve
 
     pooled = PooledCurve()
     for item in items:
-        pooled.add(_heatmap(net, item)[item.pre.input_brain], item.lesion[item.pre.input_brain])
+        pooled.add(heatmap(net, item)[item.pre.input_brain], item.lesion[item.pre.input_brain])
     _dice, threshold, _sens, _spec = pooled.curve().best_dice()
     return float(threshold)
 
@@ -211,6 +211,23 @@ def calibrate(net, items: list[VolumeItem], fpr: float, heatmap=_heatmap) -> dic
     scoring.threshold = 1.0
     scoring.calibration = {"voxel_fpr": fpr, "healthy_volumes": len(items), "healthy_voxels": int(values.size)}
     return scoring.calibration
+
+
+def set_threshold(net, healthy: list[VolumeItem], val_items: list[VolumeItem], fpr: float, heatmap=_heatmap) -> None:
+    """Calibrate the heatmap's scale on ``healthy`` volumes, then choose the stored threshold.
+
+    With annotated validation lesions the threshold is where they are segmented best (pooled Dice);
+    the FPR quantile (1.0 on the heatmap's scale) is stricter than most users want. Without them it is
+    that quantile.
+    """
+    calibrate(net, healthy, fpr, heatmap=heatmap)
+    lesion_items = [item for item in val_items if item.lesion is not None and item.lesion.any()]
+    calibration = net.config.scoring.calibration
+    if lesion_items:
+        net.config.scoring.threshold = dice_threshold(net, lesion_items, heatmap=heatmap)
+        calibration["threshold_rule"] = "max pooled Dice on validation lesion volumes"
+    else:
+        calibration["threshold_rule"] = f"voxel FPR {fpr:g} on healthy volumes"
 
 
 def _checkpoint_paths(output: Path) -> tuple[Path, Path]:
@@ -379,15 +396,7 @@ def train(
     if not calibration_items:
         progress.info("no healthy validation volumes: calibrating the threshold on training volumes (optimistic)")
         calibration_items = _with_maps(net, train_cases[: min(8, len(train_cases))], progress)
-    calibrate(net, calibration_items, config.calibration_fpr)
-    lesion_items = [item for item in val_items if item.lesion is not None and item.lesion.any()]
-    if lesion_items:
-        # With annotated validation lesions, the default cut is where they are segmented best; the
-        # FPR quantile (1.0 on the heatmap's scale) is stricter than most users want.
-        net.config.scoring.threshold = dice_threshold(net, lesion_items)
-        net.config.scoring.calibration["threshold_rule"] = "max pooled Dice on validation lesion volumes"
-    else:
-        net.config.scoring.calibration["threshold_rule"] = f"voxel FPR {config.calibration_fpr:g} on healthy volumes"
+    set_threshold(net, calibration_items, val_items, config.calibration_fpr)
     counts = {"train_volumes": train_volumes, "val_volumes": len(val_items)}
     if context.active:
         counts["ranks"] = context.world_size

@@ -37,7 +37,7 @@ from .train import (
     VolumeItem,
     _load_checkpoint,
     _save_checkpoint,
-    calibrate,
+    set_threshold,
     validate,
     write_trained_model,
 )
@@ -295,7 +295,7 @@ def train_u2ad(
                       "(optimistic, and shifted by any lesions among them)")
         calibration_items = _prepare(train_cases[: min(8, len(train_cases))], cfg.preprocess, progress,
                                      "calibrating", (0.95, 0.04), True)
-    calibrate(net, calibration_items, config.calibration_fpr, heatmap=_heatmap)
+    set_threshold(net, calibration_items, val_items, config.calibration_fpr, heatmap=_heatmap)
     path = write_trained_model(output, net, "u2ad", cfg.to_dict(), history, config, started, summary,
                                {"train_volumes": len(np.unique(slices.volume)), "train_slices": len(slices.tokens),
                                 "val_volumes": len(val_items)})
