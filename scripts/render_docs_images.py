@@ -135,7 +135,7 @@ def render_panel(detection: dict, out: Path) -> None:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6 import QtCore, QtUiTools, QtWidgets
 
-    from SimpleSliceNetLib.slicer_logic import lesion_rows, model_info_text
+    from SimpleSliceNetLib.slicer_logic import UNCERTAINTY_COLUMN, lesion_rows, model_info_text
 
     class SlicerLookAlikeLoader(QtUiTools.QUiLoader):
         """Creates plain Qt stand-ins for Slicer's CTK/MRML widgets so the panel renders outside Slicer."""
@@ -211,6 +211,7 @@ def render_panel(detection: dict, out: Path) -> None:
         find(QtWidgets.QWidget, name).setEnabled(True)
     table = find(QtWidgets.QTableWidget, "lesionTable")
     rows = lesion_rows(detection["lesions"][:6])
+    table.setColumnHidden(UNCERTAINTY_COLUMN, True)  # a SimpleSliceNet result, as the module shows it
     table.setRowCount(len(rows))
     for row, cells in enumerate(rows):
         for column, text in enumerate(cells):
