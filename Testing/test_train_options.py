@@ -247,11 +247,24 @@ def test_defaults_are_todays_configuration():
     train.resolve_options(args)
     assert (args.epochs, args.lr, args.noise_sigma, args.noise_space, args.loss, args.background) == \
         (20, 1e-3, 0.3, "standardised", "spp", "keep")
+    assert args.lr_schedule == "constant"
     assert (args.backbone, args.taps, args.channels_per_tap, args.encoder_weights) == \
         ("tf_efficientnet_lite0", "2,3", 64, "imagenet")
     assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
         (3, None, "mean", True, 8)
     assert args.shape is None and args.spacing is None
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(epochs=10, lr=1e-3)
+    assert [train.epoch_learning_rate(constant, e) for e in (0, 5, 9)] == [1e-3] * 3
+    cosine = TrainConfig(epochs=10, lr=1e-3, lr_schedule="cosine")
+    rates = [train.epoch_learning_rate(cosine, e) for e in range(10)]
+    assert rates[0] == pytest.approx(1e-3) and rates[5] == pytest.approx(5e-4)
+    assert all(a > b > 0 for a, b in zip(rates[:-1], rates[1:], strict=True))  # decreasing, never 0
+    args = _train_args("--lr-schedule", "cosine")
+    train.resolve_options(args)
+    assert args.lr_schedule == "cosine"
 
 
 def test_modality_follows_the_contrast_unless_given():
