@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import grid_affine, phantom, run_cli
 
 from SimpleSliceNetLib.cli import build_parser
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.flow import FlowConfig
 from SimpleSliceNetLib.model_file import read_model_file
-from SimpleSliceNetLib.preprocess import PreprocessConfig
+from SimpleSliceNetLib.preprocess import PreprocessConfig, preprocess
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.resources import bundled_models_dir
 from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
+from SimpleSliceNetLib.volume_io import Volume
 from SimpleSliceNetTraining import train
 from SimpleSliceNetTraining.distributed import Context
 from SimpleSliceNetTraining.grid_options import grid_config
@@ -182,6 +183,23 @@ def test_old_model_files_load_with_the_tiling_mean_slabs():
 
 
 # --- background masking, feature statistics and equal steps per rank -----------------------------
+
+
+def test_validation_items_keep_masks_at_one_bit_a_voxel_and_drop_the_model_grid_image():
+    shape = (61, 73, 29)  # no multiple of 8
+    affine = grid_affine(shape, (2.5, 2.5, 5.0))
+    pre = preprocess(Volume(phantom(shape, affine), affine), PreprocessConfig(shape=(64, 64, 32), spacing=(3, 3, 5)))
+    lesion = np.zeros(shape, dtype=bool)
+    lesion[30:34, 40:42, 14] = True
+    item = VolumeItem.of("case", torch.zeros(1), "lesion", lesion, pre, slim=True)
+    np.testing.assert_array_equal(item.lesion, lesion)
+    np.testing.assert_array_equal(item.input_brain, pre.input_brain)
+    assert item.has_lesion and item.lesion_bits.packed.nbytes == -(-lesion.size // 8)
+    assert item.pre.image is None and item.pre.brain is None and item.pre.mapping is pre.mapping
+    assert pre.image is not None  # the caller's object is left whole
+    healthy = VolumeItem.of("healthy", torch.zeros(1), "healthy", np.zeros(shape, dtype=bool), pre)
+    assert not healthy.has_lesion and healthy.pre is pre  # not slim: U2AD items keep the image
+    assert not VolumeItem("bare", None).has_lesion and VolumeItem("bare", None).lesion is None
 
 
 def _items(seed: int = 0) -> list[VolumeItem]:

@@ -145,7 +145,7 @@ def _prepare(cases: list, config, progress: Progress, desc: str, span: tuple[flo
         except VolumeError as exc:
             progress.info(f"skipped: {exc}")
             continue
-        items.append(VolumeItem(case.id, None, case.label, lesion, pre))
+        items.append(VolumeItem.of(case.id, None, case.label, lesion, pre))
     return items
 
 
@@ -213,7 +213,7 @@ def train_u2ad(
     slices = slice_set(train_items, cfg.min_roi_patches, cfg.patch)
     del train_items
     val_items = _prepare(val_cases or [], cfg.preprocess, progress, "preparing validation volumes", (0.1, 0.05), True)
-    scored_val = any(item.lesion is not None and item.lesion.any() for item in val_items)
+    scored_val = any(item.has_lesion for item in val_items)
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     meta = {"model_config": cfg.to_dict(), "train_config": asdict(config)}

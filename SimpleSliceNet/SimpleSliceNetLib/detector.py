@@ -99,7 +99,7 @@ class Detector:
             lap("encode_s")
             nll = self.net.nll_grid(features)
             lap("flow_s")
-            heatmap = self.net.input_heatmap(nll, pre)
+            heatmap = self.net.input_heatmap(nll, pre.mapping, pre.input_brain)
             lap("map_s")
         else:
             from .u2ad import analyse

@@ -13,7 +13,7 @@ from torch import nn
 
 from .encoder import EncoderConfig, SliceEncoder, build_backbone
 from .flow import FlowConfig, build_flow, log_likelihood, positional_encoding
-from .preprocess import PreprocessConfig, Preprocessed
+from .preprocess import GridMapping, PreprocessConfig
 from .scoring import ScoringConfig
 
 AGGREGATIONS = ("mean", "max")
@@ -132,10 +132,10 @@ class SliceNetModel(nn.Module):
             out = [-self.log_likelihood(flat[i : i + chunk], pos[i : i + chunk]) for i in range(0, len(flat), chunk)]
         return torch.cat(out).view(features.shape[:3])
 
-    def input_heatmap(self, nll: torch.Tensor, pre: Preprocessed) -> np.ndarray:
-        """The calibrated heatmap on ``pre``'s input grid: brain voxels only, 0 elsewhere."""
+    def input_heatmap(self, nll: torch.Tensor, mapping: GridMapping, input_brain: np.ndarray) -> np.ndarray:
+        """The calibrated heatmap on ``mapping``'s input grid at ``input_brain`` voxels, 0 elsewhere."""
         coarse = self.score_map(nll)
-        return pre.mapping.coarse(self.config.map_factor).to_input(coarse, where=pre.input_brain)
+        return mapping.coarse(self.config.map_factor).to_input(coarse, where=input_brain)
 
     def score_map(self, nll: torch.Tensor) -> np.ndarray:
         """Upsampled, smoothed, calibrated heatmap on the map grid (model grid / ``map_factor``)."""
