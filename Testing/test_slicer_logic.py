@@ -180,6 +180,20 @@ def test_list_models_shows_the_new_user_model(logic, trained):
     assert "simpleslicenet" in model_info_text(mine[0])
 
 
+def test_model_info_shows_the_kept_epochs_validation_score():
+    training = {"train_volumes": 40, "epochs_run": 12, "final": {"epoch": 12, "val_auroc": 0.91},
+                "selected": {"epoch": 6, "val_auroc": 0.94}}
+    model = {"method": "simpleslicenet", "modality": "T1", "training": training, "threshold": 0.7,
+             "version": "1.0.0", "source": "bundled"}
+    text = model_info_text(model)
+    assert "validation AUROC 0.940 (epoch 6)" in text and "0.910" not in text
+    del training["selected"]  # files written before the kept epoch was recorded
+    assert "validation AUROC 0.910 (epoch 12)" in model_info_text(model)
+    bundled = model_info_text({**json.loads((ROOT / "Resources/Models/simpleslicenet-t1-synth.json").read_text()),
+                               "threshold": 0.686, "source": "bundled"})
+    assert "(epoch 6)" in bundled
+
+
 def test_import_model_file_validates_and_copies_the_pair(trained, tmp_path):
     other = AnomalyDetectionLogic(env={"SIMPLESLICENET_HOME": str(tmp_path / "home2")})
     imported = other.importModelFile(trained[0])

@@ -74,6 +74,8 @@ def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
     assert training["train_volumes"] == 5 and training["val_volumes"] == 2 and training["epochs_run"] == TINY_EPOCHS
     best = max(rows, key=lambda r: float(r["val_auroc"]))
     assert training["selected_epoch"] == int(best["epoch"])
+    assert training["selected"]["epoch"] == training["selected_epoch"]
+    assert training["selected"]["val_auroc"] == pytest.approx(float(best["val_auroc"]))
     # Heatmap scale calibrated on the healthy validation volume; with an annotated validation lesion the
     # default threshold is its best-Dice cut.
     scoring = meta["config"]["scoring"]

@@ -570,6 +570,8 @@ def write_trained_model(output: Path, net, method: str, model_config: dict, hist
         "seconds": round(time.perf_counter() - started, 1),
         "train_config": asdict(train_config),
         "final": history.rows[-1] if history.rows else {},
+        # The kept epoch's row: what the model file's weights scored (final may be a later, worse epoch).
+        "selected": next((row for row in history.rows if row["epoch"] == _selected_epoch(history)), {}),
     }
     path = write_model_file(output, state_dict=net.state_dict(), method=method, config=model_config,
                             training=training_summary, name=summary.get("name", output.stem),

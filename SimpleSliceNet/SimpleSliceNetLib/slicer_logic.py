@@ -638,9 +638,10 @@ def model_info_text(model: dict) -> str:
     training = model.get("training") or {}
     if training.get("train_volumes"):
         parts.append(f"trained on {training['train_volumes']} volumes for {training.get('epochs_run', '?')} epochs")
-    auroc = (training.get("final") or {}).get("val_auroc")
-    if isinstance(auroc, (int, float)):
-        parts.append(f"validation AUROC {auroc:.3f}")
+    # The kept epoch's score (files written before "selected" existed: the last epoch's).
+    row = training.get("selected") or training.get("final") or {}
+    if isinstance(row.get("val_auroc"), (int, float)):
+        parts.append(f"validation AUROC {row['val_auroc']:.3f} (epoch {row.get('epoch', '?')})")
     threshold = model.get("threshold")
     parts.append(f"threshold {threshold:.3f}" if isinstance(threshold, (int, float)) else "no calibrated threshold")
     parts.append(f"v{model.get('version', '?')} ({model.get('source', '?')})")
