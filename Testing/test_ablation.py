@@ -68,6 +68,20 @@ def test_unknown_variant_is_a_clear_error(tmp_path, capsys):
     assert "--variants: unknown sigma-9" in capsys.readouterr().err
 
 
+def test_a_grid_some_variant_cannot_tile_is_refused_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["--progress", "none", "ablation", "--data", str(tmp_path / "c.json"), "--output-dir", str(out),
+                 "--switches", "aggregation", "--train-options", "--shape 64,64,64"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "variant default: 64 slices do not split into groups of 3" in err and "e.g. 72 or 96" in err
+    assert not out.exists()
+    # 72 slices suit every variant (group 6 is the coarse one there).
+    variants = ablation.plan_variants(["aggregation"], None, ["--shape=64,64,72"])
+    ablation.check_slab_layouts(variants, ["--shape=64,64,72"])
+    assert "group-6" in [v.name for v in variants]
+
+
 def _train_help() -> str:
     """What `simpleslicenet train --help` prints."""
     subparsers = argparse.ArgumentParser().add_subparsers()

@@ -40,13 +40,40 @@ class Variant:
     args: list[str] = field(default_factory=list)
 
 
+def _option(args: list[str], name: str) -> str | None:
+    """The value the last ``name VALUE`` or ``name=VALUE`` in ``args`` gives (None if absent)."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def _slices_in(base_args: list[str]) -> int:
     """Slices of the model grid the base options give (``--shape R,C,S``; default 96)."""
-    for index, arg in enumerate(base_args):
-        if arg.startswith("--shape"):
-            value = arg.split("=", 1)[1] if "=" in arg else base_args[index + 1]
-            return int(value.split(",")[2])
-    return 96
+    shape = _option(base_args, "--shape")
+    try:
+        return int(shape.split(",")[2]) if shape else 96
+    except (IndexError, ValueError) as exc:
+        raise UserError(f"--train-options: --shape expects rows,columns,slices, got {shape!r}") from exc
+
+
+def check_slab_layouts(variants: list[Variant], base_args: list[str]) -> None:
+    """Refuse, before anything trains, a grid whose slice count some variant's slabs cannot tile."""
+    from SimpleSliceNetLib.slicenet import slab_layout_error
+
+    from .train import OPTION_DEFAULTS
+
+    slices = _slices_in(base_args)
+    for variant in variants:
+        args = [*base_args, *variant.args]
+        group = int(_option(args, "--group") or OPTION_DEFAULTS["group"])
+        error = slab_layout_error(slices, group, int(_option(args, "--slab-stride") or group))
+        if error:
+            raise UserError(f"variant {variant.name}: {error}; give --train-options a --shape whose slice count "
+                            f"suits every variant (e.g. 72 or 96), or leave the variant out with --variants")
 
 
 def plan_variants(switches: list[str], encoder_file: str | None, base_args: list[str]) -> list[Variant]:
@@ -267,6 +294,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             raise UserError(f"--variants: unknown {', '.join(unknown)}; the selected switches give "
                             f"{', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in wanted]
+    check_slab_layouts(variants, base_args)
     plan = Plan(str(args.data), Path(args.output_dir), args.epochs, args.seed, args.device, base_args)
 
     if args.dry_run:

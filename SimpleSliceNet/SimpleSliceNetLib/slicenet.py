@@ -60,16 +60,23 @@ class SliceNetConfig:
         )
 
 
+def slab_layout_error(slices: int, group: int, stride: int) -> str | None:
+    """Why ``slices`` do not split into slabs of ``group`` slices starting every ``stride``, or None."""
+    if not 1 <= stride <= group <= slices or (slices - group) % stride:
+        return (f"{slices} slices do not split into groups of {group} slices starting every {stride} "
+                "(need 1 <= stride <= group <= slices and stride dividing slices - group)")
+    return None
+
+
 class SliceNetModel(nn.Module):
     """Encoder + per-channel feature standardisation + conditional flow."""
 
     def __init__(self, config: SliceNetConfig, encoder_weights: str = "none") -> None:
         super().__init__()
         shape = config.preprocess.shape
-        group, stride = config.group, config.stride
-        if not 1 <= stride <= group <= shape[2] or (shape[2] - group) % stride:
-            raise ValueError(f"{shape[2]} slices do not split into groups of {group} slices starting every "
-                             f"{stride} (need 1 <= stride <= group <= slices and stride dividing slices - group)")
+        error = slab_layout_error(shape[2], config.group, config.stride)
+        if error:
+            raise ValueError(error)
         if config.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {config.aggregation!r}")
         self.config = config
