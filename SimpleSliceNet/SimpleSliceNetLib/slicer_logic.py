@@ -641,7 +641,8 @@ def model_info_text(model: dict) -> str:
     # The kept epoch's score (files written before "selected" existed: the last epoch's).
     row = training.get("selected") or training.get("final") or {}
     if isinstance(row.get("val_auroc"), (int, float)):
-        parts.append(f"validation AUROC {row['val_auroc']:.3f} (epoch {row.get('epoch', '?')})")
+        epoch = f" (epoch {row['epoch']})" if row.get("epoch") else ""
+        parts.append(f"validation AUROC {row['val_auroc']:.3f}{epoch}")
     threshold = model.get("threshold")
     parts.append(f"threshold {threshold:.3f}" if isinstance(threshold, (int, float)) else "no calibrated threshold")
     parts.append(f"v{model.get('version', '?')} ({model.get('source', '?')})")
