@@ -562,16 +562,17 @@ def write_trained_model(output: Path, net, method: str, model_config: dict, hist
     from SimpleSliceNetLib.model_file import write_model_file
 
     summary = summary or {}
+    selected = _selected_row(history)
     training_summary = {
         **summary,
         **counts,
         "epochs_run": len(history.rows),
-        "selected_epoch": _selected_epoch(history),
+        "selected_epoch": selected.get("epoch"),
         "seconds": round(time.perf_counter() - started, 1),
         "train_config": asdict(train_config),
         "final": history.rows[-1] if history.rows else {},
         # The kept epoch's row: what the model file's weights scored (final may be a later, worse epoch).
-        "selected": next((row for row in history.rows if row["epoch"] == _selected_epoch(history)), {}),
+        "selected": selected,
     }
     path = write_model_file(output, state_dict=net.state_dict(), method=method, config=model_config,
                             training=training_summary, name=summary.get("name", output.stem),
@@ -585,11 +586,12 @@ def _with_maps(net, cases, progress):
     return _extract(net, cases, progress, "calibrating", (0.95, 0.04), keep_maps=True)
 
 
-def _selected_epoch(history: History) -> int | None:
+def _selected_row(history: History) -> dict:
+    """The history row of the epoch whose weights are kept: the best validation AUROC, else the last."""
     scored = [row for row in history.rows if "val_auroc" in row]
     if not scored:
-        return history.rows[-1]["epoch"] if history.rows else None
-    return max(scored, key=lambda row: row["val_auroc"])["epoch"]
+        return history.rows[-1] if history.rows else {}
+    return max(scored, key=lambda row: row["val_auroc"])
 
 
 def _config_dict(config) -> dict:
