@@ -221,6 +221,11 @@ def test_text_file_named_nii_gz_does_not_stop_the_other_inputs(detect_run, tiny_
     lines = _error_lines(result.stderr)
     assert len(lines) == 2 and str(text) in lines[0] and str(garbage) in lines[1]
     assert sorted(p.name for p in out.iterdir()) == sorted(f"oblique_{s}" for s in OUTPUTS if s != "overlay.png")
+    assert f"outputs in {out.resolve()}" in result.stderr
+    # Nothing good among the inputs: no claim that outputs are anywhere.
+    alone = run_cli("--progress", "none", "detect", str(text), "--output-dir", str(tmp_path / "none"), "--model",
+                    str(tiny_model.json), "--device", "cpu")
+    assert alone.returncode == 1 and len(_error_lines(alone.stderr)) == 1 and "outputs in" not in alone.stderr
 
 
 def test_usage_error_is_one_line(tmp_path):

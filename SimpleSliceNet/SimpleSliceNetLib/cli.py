@@ -111,7 +111,7 @@ def run_detect(args: argparse.Namespace, progress: Progress) -> int:
             print(f"{input_path}: score {result.volume_score:.3f} (threshold {threshold:.3f}), "
                   f"{len(lesions)} finding(s) -> {files['report']}", file=sys.stderr)
     progress.emit("done", ok=ok, failed=failed, elapsed_s=round(progress.elapsed, 2))
-    if progress.mode != "json":
+    if progress.mode != "json" and ok:
         print(f"outputs in {out_dir.resolve()}", file=sys.stderr)
     return 0 if failed == 0 else 1
 
