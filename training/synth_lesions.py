@@ -4,7 +4,7 @@ Families:
 - ``glioma``: irregular tumour with a necrotic core (dark in T1), a tumour rim, surrounding
   oedema (mildly hypointense, spreading along white matter) and mass effect (tissue pushed
   outward). The mask is the whole abnormal region, like BraTS "whole tumour".
-- ``wm_lesions``: 3-8 small hypointense white-matter lesions (radius 3-7 mm); mask = union.
+- ``wm_lesions``: 3-8 small hypointense white-matter lesions (radius 4-8 mm); mask = union.
 - ``large_region``: one large irregular region (20-40 mm across), hypointense (infarct/cyst-like)
   or hyperintense (haemorrhage-like).
 """
