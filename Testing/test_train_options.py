@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import grid_affine, phantom, run_cli
 
 from SimpleSliceNetLib.cli import build_parser
+from SimpleSliceNetLib.encoder import EncoderConfig
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.flow import FlowConfig
 from SimpleSliceNetLib.model_file import read_model_file
@@ -266,11 +267,23 @@ def test_defaults_are_todays_configuration():
     assert (args.epochs, args.lr, args.noise_sigma, args.noise_space, args.loss, args.background) == \
         (20, 1e-3, 0.3, "standardised", "spp", "keep")
     assert args.lr_schedule == "constant"
-    assert (args.backbone, args.taps, args.channels_per_tap, args.encoder_weights) == \
-        ("tf_efficientnet_lite0", "2,3", 64, "imagenet")
+    assert (args.backbone, args.taps, args.channels_per_tap, args.encoder_weights, args.neighbourhood) == \
+        ("tf_efficientnet_lite0", "2,3", 64, "imagenet", 3)
     assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
         (3, None, "mean", True, 8)
     assert args.shape is None and args.spacing is None
+
+
+def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):
+    args = _train_args("--neighbourhood", "1")
+    train.resolve_options(args)
+    assert args.neighbourhood == 1
+    result = run_cli("train", "--train", str(tmp_path), "--name", "m", "--neighbourhood", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --neighbourhood 2: give an odd number of cells (1, 3, 5, ...)"
+    # A model file saying so is refused too (an even window would shift the map by half a cell).
+    with pytest.raises(ValueError, match="odd"):
+        EncoderConfig(neighbourhood=4)
 
 
 def test_learning_rate_schedules():

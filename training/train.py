@@ -625,15 +625,16 @@ OPTION_DEFAULTS = {
     "noise_sigma": TrainConfig.noise_sigma,
     "noise_space": TrainConfig.noise_space, "loss": TrainConfig.loss, "background": TrainConfig.background,
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
-    "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
+    "neighbourhood": 3, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
 }
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
     # features; standardised features make that 0.08 / std per channel, which noise_space "raw" applies.
     # The public code's positional code is 2-D (no slab position). SPP beta/tau are TrainConfig's defaults.
     "paper": {
-        "backbone": "wide_resnet50_2", "taps": "2,3", "channels_per_tap": 256, "shape": "192,192,96",
-        "spacing": "1,1,1", "blocks": 8, "noise_sigma": 0.08, "noise_space": "raw", "loss": "spp", "epochs": 30,
+        "backbone": "wide_resnet50_2", "taps": "2,3", "channels_per_tap": 256, "neighbourhood": 3,
+        "shape": "192,192,96", "spacing": "1,1,1", "blocks": 8, "noise_sigma": 0.08, "noise_space": "raw",
+        "loss": "spp", "epochs": 30,
         "lr": 1e-3, "lr_schedule": "constant", "group": 3, "aggregation": "mean", "slab_position": False,
     },
 }
@@ -651,6 +652,8 @@ def resolve_options(args: argparse.Namespace) -> None:
     for key in {**OPTION_DEFAULTS, **preset}:
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
+    if args.neighbourhood < 1 or args.neighbourhood % 2 == 0:
+        raise UserError(f"--neighbourhood {args.neighbourhood}: give an odd number of cells (1, 3, 5, ...)")
     if args.modality is None:
         from .datasets import MODALITY
 
@@ -699,6 +702,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backbone", help="any timm model name with features_only (default tf_efficientnet_lite0)")
     p.add_argument("--taps", help="feature stages to tap (timm out_indices; default 2,3)")
     p.add_argument("--channels-per-tap", type=int, help="channels kept per tap (default 64)")
+    p.add_argument("--neighbourhood", type=int,
+                   help="side of the feature-cell neighbourhood each tap is averaged over (odd; default 3, as the "
+                        "paper; 1 keeps every cell's own features, sharper for lesions smaller than 3 cells)")
     p.add_argument("--encoder-weights", "--encoder", dest="encoder_weights",
                    help="imagenet (offline package; default), timm (download: online only), none, or a weights file "
                         "(safetensors with timm names, e.g. from simpleslicenet finetune-encoder)")
@@ -760,7 +766,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     config = SliceNetConfig(
         preprocess=grid_config(args, PreprocessConfig()),
         encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
-                              channels_per_tap=args.channels_per_tap),
+                              channels_per_tap=args.channels_per_tap, neighbourhood=args.neighbourhood),
         flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
         group=args.group,
         slab_stride=args.slab_stride,

@@ -35,6 +35,9 @@ class EncoderConfig:
         self.taps = tuple(int(t) for t in self.taps)
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            # An even window would shift the map by half a cell against the brain mask and the heatmap grid.
+            raise ValueError(f"neighbourhood must be an odd number of cells (1, 3, 5, ...), not {self.neighbourhood}")
 
     def to_dict(self) -> dict:
         return asdict(self)
