@@ -9,7 +9,17 @@ from conftest import BRAIN_AXES, BRAIN_CENTRE, grid_affine, phantom, rotation, w
 from scipy import ndimage
 
 from SimpleSliceNetLib.errors import VolumeError
-from SimpleSliceNetLib.preprocess import SUPERIOR_MARGIN_MM, GridMapping, PreprocessConfig, model_affine, preprocess
+from SimpleSliceNetLib.preprocess import (
+    ALIGN_SCALE_RANGE,
+    ALIGNS,
+    REFERENCE_SD_MM,
+    SUPERIOR_MARGIN_MM,
+    GridMapping,
+    PreprocessConfig,
+    _brain_axes,
+    model_affine,
+    preprocess,
+)
 from SimpleSliceNetLib.volume_io import Volume
 
 CONFIG = PreprocessConfig(shape=(64, 64, 48), spacing=(2.5, 2.5, 3.0))
@@ -333,3 +343,85 @@ def test_detection_outputs_share_the_input_grid(tiny_model):
     assert np.all(result.heatmap[~result.brain_mask] == 0.0)
     assert result.volume_score == pytest.approx(float(result.heatmap[result.brain_mask].max()))
     assert result.coverage == 1.0
+
+
+# The aligned grid is scaled to the reference brain: this phantom is smaller than that (scale 0.84), so
+# the grid needs room to still hold its 156 mm front-to-back.
+ALIGNED = PreprocessConfig(shape=(80, 80, 56), spacing=CONFIG.spacing, align="brain-axes")
+
+
+def _turned_head(shape, affine, turn: np.ndarray, scale: float) -> Volume:
+    """The phantom turned by ``turn`` and enlarged by ``scale`` about its centre, on the same grid."""
+    move = np.eye(4)
+    move[:3, :3] = scale * turn
+    move[:3, 3] = BRAIN_CENTRE - move[:3, :3] @ BRAIN_CENTRE
+    return Volume(phantom(shape, np.linalg.inv(move) @ affine), affine)
+
+
+@pytest.mark.parametrize("grid", ["ras_1p5mm", "lps_aniso", "oblique_aniso"])
+def test_brain_axes_alignment_follows_a_turned_and_larger_head(grid):
+    shape, affine = GRIDS[grid]
+    turn = rotation((1.0, 0.0, 0.0), 14.0) @ rotation((0.0, 0.0, 1.0), -9.0)  # pitch and yaw
+    upright = Volume(phantom(shape, affine), affine)
+    turned = _turned_head(shape, affine, turn, 1.08)
+    agreement = {}
+    for align in ALIGNS:
+        config = PreprocessConfig(shape=ALIGNED.shape, spacing=ALIGNED.spacing, align=align)
+        a, b = preprocess(upright, config), preprocess(turned, config)
+        both = ndimage.binary_erosion(a.brain & b.brain, iterations=2)
+        agreement[align] = np.corrcoef(a.image[both], b.image[both])[0, 1]
+        if align == "brain-axes":
+            # The grid turned with the head and grew with it: its axes are the head's.
+            ratio = np.linalg.norm(b.mapping.model_affine[:3, :3], axis=0) / np.linalg.norm(
+                a.mapping.model_affine[:3, :3], axis=0)
+            np.testing.assert_allclose(ratio, 1.08, rtol=0.02)
+            relative = b.mapping.model_affine[:3, :3] @ np.linalg.inv(a.mapping.model_affine[:3, :3]) / 1.08
+            turned_anterior = relative @ np.array([0.0, 1.0, 0.0])
+            cosine = np.clip(turned_anterior @ (turn @ np.array([0.0, 1.0, 0.0])), -1.0, 1.0)
+            assert np.degrees(np.arccos(cosine)) < 1.5
+    # The same anatomy lands at the same grid positions only when the grid follows the brain.
+    assert agreement["brain-axes"] > 0.97
+    assert agreement["none"] < agreement["brain-axes"] - 0.1
+
+
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_brain_axes_alignment_keeps_the_input_grid_and_the_brain(grid):
+    volume = _phantom_volume(grid)
+    pre = preprocess(volume, ALIGNED, name=grid)
+    np.testing.assert_array_equal(pre.input_brain, volume.array > 0)
+    assert pre.coverage == 1.0
+    expected = _ellipsoid(ALIGNED.shape, pre.mapping.model_affine)
+    assert 2 * (pre.brain & expected).sum() / (pre.brain.sum() + expected.sum()) > 0.97
+    # Maps computed on the model grid come back onto the input grid where the brain is.
+    back = pre.mapping.to_input(pre.image.astype(np.float32), where=pre.input_brain)
+    interior = ndimage.binary_erosion(volume.array > 0, iterations=3)
+    assert np.corrcoef(back[interior], volume.array[interior])[0, 1] > 0.95
+
+
+def test_brain_axes_rotation_is_trusted_only_for_a_clear_long_axis_near_anterior():
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(20000, 3))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    ball = unit * rng.uniform(0, 1, (20000, 1)) ** (1 / 3)
+    for degrees, expect_turn in ((20.0, True), (45.0, False)):
+        turn = rotation((1.0, 0.0, 0.0), degrees)
+        points = (ball * BRAIN_AXES) @ turn.T + BRAIN_CENTRE
+        found, scale = _brain_axes(points)
+        anterior = found @ np.array([0.0, 1.0, 0.0])
+        if expect_turn:
+            cosine = np.clip(anterior @ (turn @ np.array([0.0, 1.0, 0.0])), -1.0, 1.0)
+            assert np.degrees(np.arccos(cosine)) < 1.0
+        else:
+            np.testing.assert_array_equal(found, np.eye(3))
+        np.testing.assert_allclose(scale, np.clip(np.cbrt(np.prod(BRAIN_AXES / np.sqrt(5))) / REFERENCE_SD_MM,
+                                                  *ALIGN_SCALE_RANGE), rtol=0.02)
+    # No clearly longest axis (a ball): no rotation.
+    found, _ = _brain_axes(ball * 70.0)
+    np.testing.assert_array_equal(found, np.eye(3))
+
+
+def test_brain_axes_alignment_needs_the_centre_anchor():
+    with pytest.raises(ValueError, match="centre anchor"):
+        PreprocessConfig(align="brain-axes", anchor="superior")
+    with pytest.raises(ValueError, match="align must be one of"):
+        PreprocessConfig(align="rigid")

@@ -1,11 +1,11 @@
-"""The model-grid options (--shape, --spacing, --slice-axis, --anchor) shared by the training commands."""
+"""The model-grid options (--shape, --spacing, --slice-axis, --anchor, --align) shared by the training commands."""
 
 from __future__ import annotations
 
 import argparse
 
 from SimpleSliceNetLib.errors import UserError
-from SimpleSliceNetLib.preprocess import ANCHORS, PreprocessConfig
+from SimpleSliceNetLib.preprocess import ALIGNS, ANCHORS, PreprocessConfig
 
 
 def add_grid_arguments(p: argparse.ArgumentParser, defaults: str) -> None:
@@ -16,6 +16,10 @@ def add_grid_arguments(p: argparse.ArgumentParser, defaults: str) -> None:
     p.add_argument("--anchor", choices=ANCHORS,
                    help="where the grid sits on the brain: centre of its bounding box, or superior: its top at the "
                         "vertex, so a short inferior field of view does not shift the slices (default: the method's)")
+    p.add_argument("--align", choices=ALIGNS,
+                   help="brain-axes: turn the grid to the brain's long (front-back) axis and scale it to a reference "
+                        "brain size, so anatomy lands at the same grid positions without registration (centre anchor "
+                        "only; default: the method's, none)")
 
 
 def grid_config(args: argparse.Namespace, default: PreprocessConfig) -> PreprocessConfig:
@@ -26,8 +30,10 @@ def grid_config(args: argparse.Namespace, default: PreprocessConfig) -> Preproce
         raise UserError("--shape and --spacing take three values each")
     if min(shape) < 1 or min(spacing) <= 0:
         raise UserError("--shape and --spacing must be positive")
-    return PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis,
-                            anchor=args.anchor or default.anchor)
+    anchor, align = args.anchor or default.anchor, args.align or default.align
+    if align != "none" and anchor != "centre":
+        raise UserError(f"--align {align} works with the centre anchor only; drop --anchor {anchor}")
+    return PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis, anchor=anchor, align=align)
 
 
 def parse_numbers(text: str, what: str, kind: type = float) -> tuple:

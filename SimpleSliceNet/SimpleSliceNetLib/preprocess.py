@@ -1,8 +1,9 @@
 """From any input grid to the model grid and back.
 
-One affine resampling takes the input (any orientation, spacing, obliquity) onto a RAS-aligned
-model grid of fixed shape and spacing centred on the brain, with the chosen anatomical axis as
-the slice axis. The inverse resampling takes maps computed on the model grid back onto the
+One affine resampling takes the input (any orientation, spacing, obliquity) onto a model grid of
+fixed shape and spacing centred on the brain, with the chosen anatomical axis as the slice axis:
+RAS-aligned, or (``align="brain-axes"``) turned to the brain's long axis and scaled to a reference
+brain size, a registration-free alignment. The inverse resampling takes maps computed on the model grid back onto the
 input's own voxel grid, so every output shares the input's shape and affine exactly.
 """
 
@@ -26,6 +27,12 @@ SLICE_AXES = {
 ANCHORS = ("centre", "superior")
 SUPERIOR_MARGIN_MM = 4.0  # room above the brain's top (below) for the vertex itself
 TOP_ML = 2.0  # the brain's top for the superior anchor: the height with this much brain above it
+ALIGNS = ("none", "brain-axes")
+# Reference brain size for align="brain-axes": the cube root of the product of the brain mask's three
+# principal standard deviations in nilearn's MNI152 2009 (about 32, 41 and 30 mm).
+REFERENCE_SD_MM = 34.3
+ALIGN_SCALE_RANGE = (0.8, 1.25)  # beyond this the mask is more likely wrong than the head that size
+ALIGN_MAX_DEGREES = 30.0  # a long axis further from anterior than this is not trusted (no rotation)
 
 
 @dataclass
@@ -43,6 +50,11 @@ class PreprocessConfig:
     # above the vertex, which every scan covers, while inferior coverage (brainstem, cerebellum, cut-off
     # fields of view) varies from scan to scan and would shift every slice's position with it.
     anchor: str = "centre"
+    # "none": the grid is RAS-aligned. "brain-axes": the grid's anterior axis follows the brain mask's
+    # longest principal axis (front-back: corrects pitch and yaw; the two shorter axes are too alike in
+    # size to fix roll) and its spacing scales with the brain's size (REFERENCE_SD_MM), so the same
+    # anatomy lands at the same grid positions the flow is conditioned on, without a registration.
+    align: str = "none"
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -52,6 +64,10 @@ class PreprocessConfig:
             raise ValueError(f"slice_axis must be one of {sorted(SLICE_AXES)}, not {self.slice_axis!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, not {self.anchor!r}")
+        if self.align not in ALIGNS:
+            raise ValueError(f"align must be one of {ALIGNS}, not {self.align!r}")
+        if self.align != "none" and self.anchor != "centre":
+            raise ValueError(f"align {self.align!r} works with the centre anchor only")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,10 +183,14 @@ class Preprocessed:
     stats: dict = field(default_factory=dict)
 
 
-def model_affine(config: PreprocessConfig, centre_ras: np.ndarray) -> np.ndarray:
-    """RAS-aligned affine of the model grid, centred on ``centre_ras``."""
+def model_affine(config: PreprocessConfig, centre_ras: np.ndarray, rotation: np.ndarray | None = None,
+                 scale: float = 1.0) -> np.ndarray:
+    """Affine of the model grid centred on ``centre_ras``: RAS-aligned, or turned by ``rotation`` (3x3, in
+    RAS) with its spacing times ``scale``."""
     axes = np.array(SLICE_AXES[config.slice_axis], dtype=float).T  # columns = model axes in RAS
-    direction = axes * np.asarray(config.spacing)[None, :]
+    if rotation is not None:
+        axes = rotation @ axes
+    direction = axes * (np.asarray(config.spacing) * scale)[None, :]
     affine = np.eye(4)
     affine[:3, :3] = direction
     affine[:3, 3] = centre_ras - direction @ ((np.asarray(config.shape) - 1) / 2.0)
@@ -207,8 +227,8 @@ def preprocess(
     if hi_all - lo_all <= 1e-6 * max(abs(hi_all), 1.0):
         raise VolumeError(f"{name}: the brain region has constant intensity; this is not an MRI to analyse")
 
-    centre = _grid_centre(input_mask, volume.affine, config)
-    mapping = GridMapping(volume.affine, data.shape, model_affine(config, centre), config.shape)
+    centre, rotation, scale = _placement(input_mask, volume.affine, config)
+    mapping = GridMapping(volume.affine, data.shape, model_affine(config, centre, rotation, scale), config.shape)
     image, brain = mapping.to_model([data, input_mask], order=1)
     brain = brain > 0.5
     input_brain = _covered(input_mask, np.linalg.inv(mapping.model_affine) @ mapping.input_affine, config.shape)
@@ -222,13 +242,17 @@ def preprocess(
                         {"brain_ml": round(brain_ml, 1), "intensity_range": [float(lo), float(hi)]})
 
 
-def _grid_centre(mask: np.ndarray, affine: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """RAS centre of the model grid: the centre of the mask's bounding box (robust to a few stray voxels);
-    with the superior anchor, moved in z so the grid's top sits SUPERIOR_MARGIN_MM above the brain's top."""
+def _placement(mask: np.ndarray, affine: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """Where the model grid sits: its RAS centre, its rotation and its spacing scale.
+
+    The centre is that of the mask's bounding box along the grid's axes (robust to a few stray voxels);
+    with the superior anchor, it moves in z so the grid's top sits SUPERIOR_MARGIN_MM above the brain's top.
+    """
     index = np.argwhere(mask[::2, ::2, ::2]) * 2
     ras = index @ affine[:3, :3].T + affine[:3, 3]
-    lo, hi = np.percentile(ras, [0.5, 99.5], axis=0)
-    centre = (lo + hi) / 2.0
+    rotation, scale = _brain_axes(ras) if config.align == "brain-axes" else (np.eye(3), 1.0)
+    lo, hi = np.percentile(ras @ rotation, [0.5, 99.5], axis=0)  # along the rotated axes
+    centre = rotation @ ((lo + hi) / 2.0)
     if config.anchor == "superior":
         # The top is the height with TOP_ML of brain above it: an absolute amount, so cutting the brain
         # inferiorly does not move it (a percentile would).
@@ -238,4 +262,24 @@ def _grid_centre(mask: np.ndarray, affine: np.ndarray, config: PreprocessConfig)
         axes = np.array(SLICE_AXES[config.slice_axis], dtype=float).T
         half_height = (np.abs(axes) @ ((np.asarray(config.shape) - 1) / 2.0 * np.asarray(config.spacing)))[2]
         centre[2] = top + SUPERIOR_MARGIN_MM - half_height
-    return centre
+    return centre, rotation, scale
+
+
+def _brain_axes(ras: np.ndarray) -> tuple[np.ndarray, float]:
+    """The rotation taking the anterior axis onto the brain's longest principal axis, and the size scale.
+
+    The rotation is the identity when no axis is clearly the longest or it points more than
+    ALIGN_MAX_DEGREES away from anterior (then the mask, not the head, is the likely cause).
+    """
+    centred = ras - ras.mean(axis=0)
+    values, vectors = np.linalg.eigh(centred.T @ centred / len(ras))  # ascending
+    sd = np.sqrt(np.clip(values, 0.0, None))
+    scale = float(np.clip(np.cbrt(sd.prod()) / REFERENCE_SD_MM, *ALIGN_SCALE_RANGE))
+    long_axis = vectors[:, 2] * (1.0 if vectors[1, 2] >= 0 else -1.0)
+    if sd[2] < 1.1 * sd[1] or np.degrees(np.arccos(np.clip(long_axis[1], -1.0, 1.0))) > ALIGN_MAX_DEGREES:
+        return np.eye(3), scale
+    # Rodrigues: the smallest rotation taking a (anterior) onto b (the long axis).
+    a = np.array([0.0, 1.0, 0.0])
+    v, c = np.cross(a, long_axis), float(a @ long_axis)
+    cross = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+    return np.eye(3) + cross + cross @ cross / (1.0 + c), scale
