@@ -27,7 +27,7 @@ from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 from SimpleSliceNetLib.volume_io import Volume
 from SimpleSliceNetTraining import train
 from SimpleSliceNetTraining.distributed import Context
-from SimpleSliceNetTraining.grid_options import grid_config
+from SimpleSliceNetTraining.grid_options import SLICENET_GRID, grid_config
 from SimpleSliceNetTraining.train import (
     History,
     TrainConfig,
@@ -268,10 +268,11 @@ def test_defaults_are_todays_configuration():
         (20, 1e-3, 0.3, "standardised", "spp", "keep")
     assert args.lr_schedule == "constant"
     assert (args.backbone, args.taps, args.channels_per_tap, args.encoder_weights, args.neighbourhood) == \
-        ("tf_efficientnet_lite0", "2,3", 64, "imagenet", 3)
+        ("tf_efficientnet_lite0", "2,3", 64, "imagenet", 1)
     assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
         (3, None, "mean", True, 8)
-    assert args.shape is None and args.spacing is None
+    assert args.shape is None and args.spacing is None and args.align is None
+    assert grid_config(args, SLICENET_GRID).align == "brain-axes"
 
 
 def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):
@@ -313,6 +314,11 @@ def test_grid_options_build_the_model_grid():
         ((64, 64, 32), (2.0, 2.0, 3.0), "superior", "coronal")
     u2ad_grid = PreprocessConfig(shape=(128, 128, 64), spacing=(1.5, 1.5, 2.4))
     assert grid_config(_train_args(), u2ad_grid) == u2ad_grid  # silent options keep the method's grid
+    # Alignment: SimpleSliceNet's default, off with the superior anchor unless both are asked for (refused).
+    assert grid_config(_train_args("--anchor", "superior"), SLICENET_GRID).align == "none"
+    assert grid_config(_train_args("--align", "none"), SLICENET_GRID).align == "none"
+    with pytest.raises(UserError, match="centre anchor only"):
+        grid_config(_train_args("--align", "brain-axes", "--anchor", "superior"), SLICENET_GRID)
     for bad, message in ((("--shape", "64,64"), "three values"), (("--spacing", "1,x,1"), "--spacing expects"),
                          (("--shape", "64,0,32"), "positive")):
         with pytest.raises(UserError, match=message):
@@ -329,6 +335,7 @@ def test_paper_preset_with_explicit_overrides_and_the_encoder_alias(tmp_path):
         ("wide_resnet50_2", "2,3", 256, "192,192,96", "1,1,1")
     assert (args.noise_sigma, args.noise_space, args.lr, args.group, args.blocks, args.slab_position) == \
         (0.08, "raw", 1e-3, 3, 8, False)
+    assert (args.neighbourhood, grid_config(args, SLICENET_GRID).align) == (3, "none")  # the paper's
     config = TrainConfig()
     assert (config.spp_beta, config.spp_tau, config.sub_batch) == (0.05, 0.1, 4096)
 

@@ -40,7 +40,7 @@ from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import atomic_path
 
-from .grid_options import add_grid_arguments, grid_config, parse_numbers
+from .grid_options import SLICENET_GRID, add_grid_arguments, grid_config, parse_numbers
 
 FORMAT_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -433,7 +433,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig, build_backbone
-    from SimpleSliceNetLib.preprocess import PreprocessConfig
 
     from .synth import TEMPLATES
 
@@ -442,7 +441,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         raise UserError(f"--out {out}: the encoder file must end in .safetensors")
     if args.steps < 1 or args.batch_size < 1 or args.max_slices < 1:
         raise UserError("--steps, --batch-size and --max-slices must be at least 1")
-    preprocess_config = grid_config(args, PreprocessConfig())
+    preprocess_config = grid_config(args, SLICENET_GRID)
     encoder_config = EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int))
     # Inputs are normalised with EncoderConfig's mean/std: what `train --encoder-weights FILE` uses.
     levels = parse_numbers(args.levels, "levels", int) if args.levels else None

@@ -7,6 +7,10 @@ import argparse
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.preprocess import ALIGNS, ANCHORS, PreprocessConfig
 
+# SimpleSliceNet's default model grid: the engine's, turned and scaled to each brain. With 1-cell features
+# it lifted test-split voxel AUROC from 0.946 to 0.951 and volume AUROC from 0.847 to 0.896 (README).
+SLICENET_GRID = PreprocessConfig(align="brain-axes")
+
 
 def add_grid_arguments(p: argparse.ArgumentParser, defaults: str) -> None:
     """``defaults`` names the default grid(s) in the help, e.g. "192,192,96 at 1,1,1.5 mm"."""
@@ -19,7 +23,7 @@ def add_grid_arguments(p: argparse.ArgumentParser, defaults: str) -> None:
     p.add_argument("--align", choices=ALIGNS,
                    help="brain-axes: turn the grid to the brain's long (front-back) axis and scale it to a reference "
                         "brain size, so anatomy lands at the same grid positions without registration (centre anchor "
-                        "only; default: the method's, none)")
+                        "only; default: brain-axes for simpleslicenet, none for u2ad and --anchor superior)")
 
 
 def grid_config(args: argparse.Namespace, default: PreprocessConfig) -> PreprocessConfig:
@@ -30,7 +34,8 @@ def grid_config(args: argparse.Namespace, default: PreprocessConfig) -> Preproce
         raise UserError("--shape and --spacing take three values each")
     if min(shape) < 1 or min(spacing) <= 0:
         raise UserError("--shape and --spacing must be positive")
-    anchor, align = args.anchor or default.anchor, args.align or default.align
+    anchor = args.anchor or default.anchor
+    align = args.align or (default.align if anchor == "centre" else "none")
     if align != "none" and anchor != "centre":
         raise UserError(f"--align {align} works with the centre anchor only; drop --anchor {anchor}")
     return PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis, anchor=anchor, align=align)

@@ -26,7 +26,7 @@ from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import atomic_path
 
 from .distributed import Context
-from .grid_options import add_grid_arguments, grid_config, parse_numbers
+from .grid_options import SLICENET_GRID, add_grid_arguments, grid_config, parse_numbers
 
 
 @dataclass
@@ -576,7 +576,8 @@ def write_trained_model(output: Path, net, method: str, model_config: dict, hist
     }
     path = write_model_file(output, state_dict=net.state_dict(), method=method, config=model_config,
                             training=training_summary, name=summary.get("name", output.stem),
-                            modality=summary.get("modality", "T1"), description=summary.get("description", ""))
+                            modality=summary.get("modality", "T1"), description=summary.get("description", ""),
+                            version=summary.get("version", "1.0.0"))
     _write_history(output, history)
     return path
 
@@ -625,7 +626,7 @@ OPTION_DEFAULTS = {
     "noise_sigma": TrainConfig.noise_sigma,
     "noise_space": TrainConfig.noise_space, "loss": TrainConfig.loss, "background": TrainConfig.background,
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
-    "neighbourhood": 3, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
+    "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
 }
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
@@ -633,8 +634,8 @@ PRESETS = {
     # The public code's positional code is 2-D (no slab position). SPP beta/tau are TrainConfig's defaults.
     "paper": {
         "backbone": "wide_resnet50_2", "taps": "2,3", "channels_per_tap": 256, "neighbourhood": 3,
-        "shape": "192,192,96", "spacing": "1,1,1", "blocks": 8, "noise_sigma": 0.08, "noise_space": "raw",
-        "loss": "spp", "epochs": 30,
+        "shape": "192,192,96", "spacing": "1,1,1", "align": "none", "blocks": 8, "noise_sigma": 0.08,
+        "noise_space": "raw", "loss": "spp", "epochs": 30,
         "lr": 1e-3, "lr_schedule": "constant", "group": 3, "aggregation": "mean", "slab_position": False,
     },
 }
@@ -703,8 +704,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--taps", help="feature stages to tap (timm out_indices; default 2,3)")
     p.add_argument("--channels-per-tap", type=int, help="channels kept per tap (default 64)")
     p.add_argument("--neighbourhood", type=int,
-                   help="side of the feature-cell neighbourhood each tap is averaged over (odd; default 3, as the "
-                        "paper; 1 keeps every cell's own features, sharper for lesions smaller than 3 cells)")
+                   help="side of the feature-cell neighbourhood each tap is averaged over (odd; default 1: every "
+                        "cell's own features, sharper for lesions smaller than 3 cells; the paper's is 3)")
     p.add_argument("--encoder-weights", "--encoder", dest="encoder_weights",
                    help="imagenet (offline package; default), timm (download: online only), none, or a weights file "
                         "(safetensors with timm names, e.g. from simpleslicenet finetune-encoder)")
@@ -720,6 +721,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--blocks", type=int, help="flow blocks (default 8)")
     p.add_argument("--modality", help="the input contrast the model records (default: from --contrast, e.g. T1)")
     p.add_argument("--description", default="")
+    p.add_argument("--model-version", default="1.0.0",
+                   help="version recorded in the model file (bump it when you retrain a model you share)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside the output")
     p.add_argument("--method", default="simpleslicenet", choices=["simpleslicenet", "u2ad"])
@@ -752,7 +755,6 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
-    from SimpleSliceNetLib.preprocess import PreprocessConfig
     from SimpleSliceNetLib.resources import user_models_dir
     from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 
@@ -764,7 +766,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         raise UserError(f"{args.train}: no healthy training volumes found")
     val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
     config = SliceNetConfig(
-        preprocess=grid_config(args, PreprocessConfig()),
+        preprocess=grid_config(args, SLICENET_GRID),
         encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
                               channels_per_tap=args.channels_per_tap, neighbourhood=args.neighbourhood),
         flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
@@ -799,6 +801,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         "name": args.name,
         "modality": args.modality,
         "description": args.description,
+        "version": args.model_version,
         "train_source": str(args.train),
         "val_source": str(args.val) if args.val else None,
         "encoder_weights": args.encoder_weights,

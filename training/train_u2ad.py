@@ -370,6 +370,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         "name": args.name,
         "modality": args.modality,
         "description": args.description,
+        "version": args.model_version,
         "train_source": str(args.train),
         "val_source": str(args.val) if args.val else None,
         "train_lesion_volumes": abnormal,

@@ -1,8 +1,9 @@
 """Slice encoder: a timm backbone (``features_only``, two taps) turned into locally aware features.
 
-Each tapped map is averaged over 3x3 neighbourhoods (what PatchCore/SimpleNet's unfold followed
-by per-channel pooling computes), resized to the first tap's size, reduced by channel pooling
-and concatenated: one vector per location per slice.
+Each tapped map is averaged over k x k cell neighbourhoods (k = 3 in the paper: what PatchCore/
+SimpleNet's unfold followed by per-channel pooling computes; k = 1 keeps each cell's own features),
+resized to the first tap's size, reduced by channel pooling and concatenated: one vector per
+location per slice.
 """
 
 from __future__ import annotations
