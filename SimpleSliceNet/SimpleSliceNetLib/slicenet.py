@@ -27,7 +27,9 @@ class SliceNetConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     # Consecutive slices aggregated into one slab vector (permutation-invariant aggregation).
     group: int = 3
-    batch_slices: int = 48
+    # Slices per encoder call. Only speed depends on it: on a 2-core CPU 16 slices of 192x192 ran the
+    # encoder in about 0.45 s per volume against 0.7 s in batches of 48 (cache-sized activations).
+    batch_slices: int = 16
     # The heatmap is computed on the model grid coarsened by this factor: it is smooth anyway.
     map_factor: int = 2
     # Slices between the starts of consecutive slabs; None = ``group`` (non-overlapping slabs, the
@@ -53,7 +55,7 @@ class SliceNetConfig:
             flow=FlowConfig(**data["flow"]),
             scoring=ScoringConfig(**data["scoring"]),
             group=int(data["group"]),
-            batch_slices=int(data.get("batch_slices", 48)),
+            batch_slices=int(data.get("batch_slices", cls.batch_slices)),
             map_factor=int(data.get("map_factor", 2)),
             slab_stride=None if stride is None else int(stride),
             aggregation=str(data.get("aggregation", "mean")),
@@ -131,8 +133,11 @@ class SliceNetModel(nn.Module):
     def log_likelihood(self, vectors: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return log_likelihood(self.flow, vectors, position)
 
-    def nll_grid(self, features: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
-        """Negative log-likelihood per dimension for every slab vector: (h, w, slabs)."""
+    def nll_grid(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Negative log-likelihood per dimension for every slab vector: (h, w, slabs).
+
+        Chunks of 4096 vectors keep the flow's activations in cache: 0.18 s against 0.21 s per volume
+        in one chunk on a 2-core CPU, with the same values."""
         flat = features.reshape(-1, features.shape[-1])
         pos = self.position.reshape(-1, self.position.shape[-1])
         with torch.inference_mode():
