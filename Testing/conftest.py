@@ -151,7 +151,10 @@ def tiny_model(synth_set, tmp_path_factory) -> TinyModel:
     name = "tiny"
     args = ["--progress", "json", "train", "--train", str(synth_set.manifest), "--val", str(synth_set.manifest),
             "--name", name, "--output-dir", str(out), "--shape", TINY_SHAPE, "--spacing", TINY_SPACING,
-            "--epochs", str(TINY_EPOCHS), "--blocks", "2", "--lr", "2e-3", "--device", "cpu"]
+            "--epochs", str(TINY_EPOCHS), "--blocks", "2", "--lr", "2e-3", "--device", "cpu",
+            # 3x3 neighbourhoods: with 5 training volumes the default 1-cell features on the aligned grid
+            # found the planted glioma with voxel AUROC 0.73 only (0.8+ with either change alone).
+            "--neighbourhood", "3"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]

@@ -189,9 +189,10 @@ def test_model_info_shows_the_kept_epochs_validation_score():
     assert "validation AUROC 0.940 (epoch 6)" in text and "0.910" not in text
     del training["selected"]  # files written before the kept epoch was recorded
     assert "validation AUROC 0.910 (epoch 12)" in model_info_text(model)
-    bundled = model_info_text({**json.loads((ROOT / "Resources/Models/simpleslicenet-t1-synth.json").read_text()),
-                               "threshold": 0.686, "source": "bundled"})
-    assert "(epoch 6)" in bundled
+    meta = json.loads((ROOT / "Resources/Models/simpleslicenet-t1-synth.json").read_text())
+    bundled = model_info_text({**meta, "threshold": meta["config"]["scoring"]["threshold"], "source": "bundled"})
+    selected = meta["training"]["selected"]
+    assert f"validation AUROC {selected['val_auroc']:.3f} (epoch {selected['epoch']})" in bundled
 
 
 def test_import_model_file_validates_and_copies_the_pair(trained, tmp_path):

@@ -175,10 +175,13 @@ def test_slab_brain_marks_vectors_whose_cells_hold_brain():
 
 
 def test_old_model_files_load_with_the_tiling_mean_slabs():
-    model = read_model_file(bundled_models_dir() / "simpleslicenet-t1-synth.json")
-    assert "slab_stride" not in model.config and "aggregation" not in model.config
-    config = SliceNetConfig.from_dict(model.config)
+    # A file from before overlapping slabs, max aggregation and grid alignment: none of those keys.
+    old = read_model_file(bundled_models_dir() / "simpleslicenet-t1-synth.json").config
+    old = {k: v for k, v in old.items() if k not in ("slab_stride", "aggregation")}
+    old["preprocess"] = {k: v for k, v in old["preprocess"].items() if k != "align"}
+    config = SliceNetConfig.from_dict(old)
     assert (config.slab_stride, config.stride, config.aggregation) == (None, 3, "mean")
+    assert config.preprocess.align == "none"
     new = _config(group=4, stride=2, aggregation="max")
     assert SliceNetConfig.from_dict(json.loads(json.dumps(asdict(new)))) == new
 
