@@ -3,8 +3,9 @@
 One affine resampling takes the input (any orientation, spacing, obliquity) onto a model grid of
 fixed shape and spacing centred on the brain, with the chosen anatomical axis as the slice axis:
 RAS-aligned, or (``align="brain-axes"``) turned to the brain's long axis and scaled to a reference
-brain size, a registration-free alignment. The inverse resampling takes maps computed on the model grid back onto the
-input's own voxel grid, so every output shares the input's shape and affine exactly.
+brain size, a registration-free alignment. The inverse resampling takes maps computed on the model
+grid back onto the input's own voxel grid, so every output shares the input's shape and affine
+exactly.
 """
 
 from __future__ import annotations
