@@ -36,9 +36,10 @@ def grid_config(args: argparse.Namespace, default: PreprocessConfig) -> Preproce
         raise UserError("--shape and --spacing must be positive")
     anchor = args.anchor or default.anchor
     align = args.align or (default.align if anchor == "centre" else "none")
-    if align != "none" and anchor != "centre":
-        raise UserError(f"--align {align} works with the centre anchor only; drop --anchor {anchor}")
-    return PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis, anchor=anchor, align=align)
+    try:
+        return PreprocessConfig(shape=shape, spacing=spacing, slice_axis=args.slice_axis, anchor=anchor, align=align)
+    except ValueError as exc:  # the grid's own rules (e.g. which anchor an alignment works with)
+        raise UserError(f"{exc}; change --align or --anchor") from exc
 
 
 def parse_numbers(text: str, what: str, kind: type = float) -> tuple:

@@ -653,8 +653,11 @@ def resolve_options(args: argparse.Namespace) -> None:
     for key in {**OPTION_DEFAULTS, **preset}:
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
-    if args.neighbourhood < 1 or args.neighbourhood % 2 == 0:
-        raise UserError(f"--neighbourhood {args.neighbourhood}: give an odd number of cells (1, 3, 5, ...)")
+    from SimpleSliceNetLib.encoder import neighbourhood_error
+
+    error = neighbourhood_error(args.neighbourhood)
+    if error:
+        raise UserError(f"--{error}")
     if args.modality is None:
         from .datasets import MODALITY
 

@@ -36,12 +36,22 @@ class EncoderConfig:
         self.taps = tuple(int(t) for t in self.taps)
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
-        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
-            # An even window would shift the map by half a cell against the brain mask and the heatmap grid.
-            raise ValueError(f"neighbourhood must be an odd number of cells (1, 3, 5, ...), not {self.neighbourhood}")
+        error = neighbourhood_error(self.neighbourhood)
+        if error:
+            raise ValueError(error)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def neighbourhood_error(cells: int) -> str | None:
+    """Why ``cells`` cannot be the side of the feature-cell neighbourhood, or None.
+
+    An even window would shift the map by half a cell against the brain mask and the heatmap grid.
+    """
+    if cells < 1 or cells % 2 == 0:
+        return f"neighbourhood {cells}: give an odd number of cells (1, 3, 5, ...)"
+    return None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ ALIGNS = ("none", "brain-axes")
 REFERENCE_SD_MM = 34.3
 ALIGN_SCALE_RANGE = (0.8, 1.25)  # beyond this the mask is more likely wrong than the head that size
 ALIGN_MAX_DEGREES = 30.0  # a long axis further from anterior than this is not trusted (no rotation)
+ALIGN_MIN_ELONGATION = 1.1  # the long axis's SD over the next one: below this no axis is clearly the longest
 
 
 @dataclass
@@ -68,7 +69,7 @@ class PreprocessConfig:
         if self.align not in ALIGNS:
             raise ValueError(f"align must be one of {ALIGNS}, not {self.align!r}")
         if self.align != "none" and self.anchor != "centre":
-            raise ValueError(f"align {self.align!r} works with the centre anchor only")
+            raise ValueError(f"align {self.align!r} works with the centre anchor only, not {self.anchor!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,7 +278,8 @@ def _brain_axes(ras: np.ndarray) -> tuple[np.ndarray, float]:
     sd = np.sqrt(np.clip(values, 0.0, None))
     scale = float(np.clip(np.cbrt(sd.prod()) / REFERENCE_SD_MM, *ALIGN_SCALE_RANGE))
     long_axis = vectors[:, 2] * (1.0 if vectors[1, 2] >= 0 else -1.0)
-    if sd[2] < 1.1 * sd[1] or np.degrees(np.arccos(np.clip(long_axis[1], -1.0, 1.0))) > ALIGN_MAX_DEGREES:
+    off_anterior = np.degrees(np.arccos(np.clip(long_axis[1], -1.0, 1.0)))
+    if sd[2] < ALIGN_MIN_ELONGATION * sd[1] or off_anterior > ALIGN_MAX_DEGREES:
         return np.eye(3), scale
     # Rodrigues: the smallest rotation taking a (anterior) onto b (the long axis).
     a = np.array([0.0, 1.0, 0.0])
