@@ -182,6 +182,8 @@ def test_old_model_files_load_with_the_tiling_mean_slabs():
     config = SliceNetConfig.from_dict(old)
     assert (config.slab_stride, config.stride, config.aggregation) == (None, 3, "mean")
     assert config.preprocess.align == "none"
+    old.pop("position_norm", None)
+    assert not SliceNetConfig.from_dict(old).position_norm  # and its weights hold no position statistics
     new = _config(group=4, stride=2, aggregation="max")
     assert SliceNetConfig.from_dict(json.loads(json.dumps(asdict(new)))) == new
 
@@ -229,6 +231,44 @@ def test_feature_statistics_use_the_kept_vectors_of_every_volume():
     torch.testing.assert_close(net.feature_std, vectors.std(0))
 
 
+def test_position_statistics_shrink_each_positions_healthy_nll_towards_the_whole_brains():
+    torch.manual_seed(0)
+    net = SliceNetModel(_config(), encoder_weights="none").eval()  # slab grid (8, 6, 8)
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for i in range(9):
+        cells = torch.zeros(8, 6, 8, dtype=torch.bool)
+        cells[1:7, 1:5, 1:7] = True  # every volume's brain
+        cells[0, :, :] = i < 3  # an edge only 3 volumes reach (below the prior's weight of 5)
+        items.append(VolumeItem(f"v{i}", torch.randn(8, 6, 8, net.dim, generator=g) * (1 + 0.1 * i), cells=cells))
+    assert not net.config.position_norm
+    train._position_statistics(net, items, Context())
+    assert net.config.position_norm and set(net.state_dict()) >= {"nll_mean", "nll_std"}
+
+    # The same statistics written out with numpy.
+    nll = np.stack([net.nll_grid(it.features).numpy() for it in items]).astype(np.float64)
+    cells = np.stack([it.cells.numpy() for it in items])
+    n = cells.sum(0)
+    mean = np.where(n > 0, (nll * cells).sum(0) / np.maximum(n, 1), 0.0)
+    var = np.where(n > 1, ((nll - mean) ** 2 * cells).sum(0) / np.maximum(n - 1, 1), 0.0)
+    pooled_mean, pooled_var = nll[cells].mean(), np.median(var[n >= 5])
+    k = train.POSITION_PRIOR_VOLUMES
+    np.testing.assert_allclose(net.nll_mean.numpy(), (n * mean + k * pooled_mean) / (n + k), rtol=1e-5)
+    np.testing.assert_allclose(net.nll_std.numpy(), np.sqrt((n * var + k * pooled_var) / (n + k)), rtol=1e-4)
+    # Outside every brain the whole brain's statistics stand in; the edge leans on them more than the centre.
+    assert net.nll_mean[7, 5, 7].item() == pytest.approx(pooled_mean, rel=1e-5)
+    assert net.nll_std[7, 5, 7].item() == pytest.approx(np.sqrt(pooled_var), rel=1e-4)
+    # The heatmap is the map of the standardised NLL.
+    plain = SliceNetModel(_config(), encoder_weights="none").eval()
+    np.testing.assert_allclose(net.score_map(torch.from_numpy(nll[0]).float()),
+                               plain.score_map((torch.from_numpy(nll[0]).float() - net.nll_mean) / net.nll_std),
+                               rtol=1e-5, atol=1e-5)
+    # The model file's configuration says so, and brings the statistics back.
+    again = SliceNetModel(SliceNetConfig.from_dict(json.loads(json.dumps(asdict(net.config)))), encoder_weights="none")
+    again.load_state_dict(net.state_dict())
+    torch.testing.assert_close(again.nll_std, net.nll_std)
+
+
 class _WiderJob(Context):
     """A rank whose busiest peer has ``steps`` sub-batches (what the max all-reduce would return)."""
 
@@ -274,6 +314,7 @@ def test_defaults_are_todays_configuration():
         ("tf_efficientnet_lite0", "2,3", 64, "imagenet", 1)
     assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
         (3, None, "mean", True, 8)
+    assert (args.position_norm, args.smoothing_mm) == (True, 6.0)
     assert args.shape is None and args.spacing is None and args.align is None
     assert grid_config(args, SLICENET_GRID).align == "brain-axes"
 
@@ -288,6 +329,17 @@ def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):
     # A model file saying so is refused too (an even window would shift the map by half a cell).
     with pytest.raises(ValueError, match="odd"):
         EncoderConfig(neighbourhood=4)
+
+
+def test_heatmap_smoothing_option(tmp_path):
+    args = _train_args("--smoothing-mm", "0", "--no-position-norm")
+    train.resolve_options(args)
+    assert (args.smoothing_mm, args.position_norm) == (0.0, False)
+    result = run_cli("train", "--train", str(tmp_path), "--name", "m", "--smoothing-mm", "-2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --smoothing-mm -2: give a sigma of 0 mm (no smoothing) or more"
+    with pytest.raises(ValueError, match="sigma"):  # a model file saying so is refused too
+        SliceNetConfig.from_dict({**asdict(_config()), "scoring": {"smoothing_mm": float("nan")}})
 
 
 def test_learning_rate_schedules():
@@ -339,6 +391,7 @@ def test_paper_preset_with_explicit_overrides_and_the_encoder_alias(tmp_path):
     assert (args.noise_sigma, args.noise_space, args.lr, args.group, args.blocks, args.slab_position) == \
         (0.08, "raw", 1e-3, 3, 8, False)
     assert (args.neighbourhood, grid_config(args, SLICENET_GRID).align) == (3, "none")  # the paper's
+    assert (args.position_norm, args.smoothing_mm) == (False, 4.0)
     config = TrainConfig()
     assert (config.spp_beta, config.spp_tau, config.sub_batch) == (0.05, 0.1, 4096)
 

@@ -54,9 +54,13 @@ class TrainConfig:
     seed: int = 0
     calibration_fpr: float = 0.001
     time_budget_min: float | None = None
+    # Standardise the NLL per slab position with statistics of the training volumes (after training).
+    position_norm: bool = True
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# Prior weight, in volumes, of the whole brain's NLL statistics in each position's (see _position_statistics).
+POSITION_PRIOR_VOLUMES = 5.0
 
 
 def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -100,14 +104,15 @@ class VolumeItem:
     pre: object = None  # Preprocessed, for mapping heatmaps back (slim: only its mapping)
     brain_bits: Bits | None = None  # the input-grid brain voxels the model grid covers
     keep: object = None  # torch.Tensor of the flat indices of the vectors the flow fits (None: all)
+    cells: object = None  # torch.Tensor (h, w, slabs), bool: the slab vectors whose footprint holds brain
 
     @classmethod
     def of(cls, id: str, features, label: str | None, lesion: np.ndarray | None, pre, keep=None,
-           slim: bool = False) -> VolumeItem:
+           slim: bool = False, cells=None) -> VolumeItem:
         brain = None if pre is None else Bits.of(pre.input_brain)
         if slim and pre is not None:
             pre = replace(pre, image=None, brain=None, input_brain=None)
-        return cls(id, features, label, None if lesion is None else Bits.of(lesion), pre, brain, keep)
+        return cls(id, features, label, None if lesion is None else Bits.of(lesion), pre, brain, keep, cells)
 
     @property
     def lesion(self) -> np.ndarray | None:
@@ -211,9 +216,10 @@ def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float
         except VolumeError as exc:
             progress.info(f"skipped: {exc}")
             continue
-        keep = torch.nonzero(net.slab_brain(pre.brain).flatten())[:, 0] if brain_only else None
+        cells = net.slab_brain(pre.brain)
+        keep = torch.nonzero(cells.flatten())[:, 0] if brain_only else None
         items.append(VolumeItem.of(case.id, net.features(pre.image, cast).cpu(), case.label, lesion,
-                                   pre if keep_maps else None, keep, slim=True))
+                                   pre if keep_maps else None, keep, slim=True, cells=cells))
     return items
 
 
@@ -450,6 +456,8 @@ def train(
         debug_dump.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in net.flow.state_dict().items()},
                   str(debug_dump / f"rank{context.rank}.safetensors"))
+    if config.position_norm:
+        _position_statistics(net, train_items, context)
     if not context.is_writer:
         return None
     healthy_val = [item for item in val_items if item.label == "healthy"]
@@ -490,6 +498,33 @@ def _feature_statistics(net, items: list[VolumeItem], context: Context) -> None:
     context.all_reduce(squares)
     net.feature_mean.copy_(mean.float())
     net.feature_std.copy_((squares / (sums[-1] - 1).clamp_min(1)).sqrt().float().clamp_min(1e-6))
+
+
+def _position_statistics(net, items: list[VolumeItem], context: Context) -> None:
+    """Set ``net``'s per-position NLL mean and std from the brain vectors of the training volumes of all ranks.
+
+    A position that few volumes cover (the brain's edge) borrows from the whole brain: its mean and
+    variance are shrunk towards the pooled ones with the weight of POSITION_PRIOR_VOLUMES volumes.
+    """
+    import torch
+
+    device = net.feature_mean.device
+    sums = torch.zeros(3, *net.position.shape[:3], dtype=torch.float64)  # count, sum, sum of squares
+    for item in items:
+        nll = net.nll_grid(item.features.to(device)).double().cpu()
+        cells = item.cells.double()
+        sums += torch.stack([cells, cells * nll, cells * nll * nll])
+    context.all_reduce(sums)
+    count, total, squares = sums
+    n = count.clamp_min(1)
+    mean = total / n
+    var = ((squares - total * mean) / (count - 1).clamp_min(1)).clamp_min(0)
+    pooled_mean = total.sum() / count.sum().clamp_min(1)
+    k = POSITION_PRIOR_VOLUMES
+    well_covered = count >= k
+    pooled_var = var[well_covered].quantile(0.5) if well_covered.any() else var[count > 1].mean().nan_to_num(1.0)
+    net.set_position_statistics(((count * mean + k * pooled_mean) / (count + k)).float(),
+                                ((count * var + k * pooled_var) / (count + k)).sqrt().float())
 
 
 def _sub_batches(items: list[VolumeItem], size: int, rng: np.random.Generator, context: Context) -> list[list]:
@@ -627,6 +662,7 @@ OPTION_DEFAULTS = {
     "noise_space": TrainConfig.noise_space, "loss": TrainConfig.loss, "background": TrainConfig.background,
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
+    "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0,
 }
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
@@ -637,6 +673,7 @@ PRESETS = {
         "shape": "192,192,96", "spacing": "1,1,1", "align": "none", "blocks": 8, "noise_sigma": 0.08,
         "noise_space": "raw", "loss": "spp", "epochs": 30,
         "lr": 1e-3, "lr_schedule": "constant", "group": 3, "aggregation": "mean", "slab_position": False,
+        "position_norm": False, "smoothing_mm": 4.0,
     },
 }
 
@@ -654,10 +691,11 @@ def resolve_options(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
     from SimpleSliceNetLib.encoder import neighbourhood_error
+    from SimpleSliceNetLib.scoring import smoothing_error
 
-    error = neighbourhood_error(args.neighbourhood)
-    if error:
-        raise UserError(f"--{error}")
+    for error in (neighbourhood_error(args.neighbourhood), smoothing_error(args.smoothing_mm)):
+        if error:
+            raise UserError(f"--{error}")
     if args.modality is None:
         from .datasets import MODALITY
 
@@ -722,6 +760,11 @@ def add_parser(subparsers) -> None:
                    help="condition the flow on the slab's position along the slices too (default; the paper's code "
                         "encodes the in-plane position only: --no-slab-position)")
     p.add_argument("--blocks", type=int, help="flow blocks (default 8)")
+    p.add_argument("--position-norm", action=argparse.BooleanOptionalAction,
+                   help="after training, standardise the NLL of each slab position with its mean and std over the "
+                        "training volumes (default; --no-position-norm: one scale for the whole grid, as in the paper)")
+    p.add_argument("--smoothing-mm", type=float,
+                   help="Gaussian sigma of the heatmap in mm (default 6; the paper's 4); simpleslicenet only")
     p.add_argument("--modality", help="the input contrast the model records (default: from --contrast, e.g. T1)")
     p.add_argument("--description", default="")
     p.add_argument("--model-version", default="1.0.0",
@@ -759,6 +802,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
     from SimpleSliceNetLib.resources import user_models_dir
+    from SimpleSliceNetLib.scoring import ScoringConfig
     from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 
     from .datasets import load_cases, split_rule
@@ -773,6 +817,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
                               channels_per_tap=args.channels_per_tap, neighbourhood=args.neighbourhood),
         flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
+        scoring=ScoringConfig(smoothing_mm=args.smoothing_mm),
         group=args.group,
         slab_stride=args.slab_stride,
         aggregation=args.aggregation,
@@ -799,7 +844,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     train_config = TrainConfig(epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule,
                                noise_sigma=args.noise_sigma, noise_space=args.noise_space, loss=args.loss,
                                triplet_margin=args.triplet_margin, background=args.background, seed=args.seed,
-                               calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min)
+                               calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min,
+                               position_norm=args.position_norm)
     summary = {
         "name": args.name,
         "modality": args.modality,

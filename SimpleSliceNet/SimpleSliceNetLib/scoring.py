@@ -5,6 +5,7 @@ Kept free of torch so the command line can describe model options without loadin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -19,3 +20,15 @@ class ScoringConfig:
     scale: float = 1.0
     threshold: float = 1.0
     calibration: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        error = smoothing_error(self.smoothing_mm)
+        if error:
+            raise ValueError(error)
+
+
+def smoothing_error(sigma_mm: float) -> str | None:
+    """Why ``sigma_mm`` cannot be the heatmap's Gaussian sigma, or None."""
+    if not math.isfinite(sigma_mm) or sigma_mm < 0:
+        return f"smoothing-mm {sigma_mm:g}: give a sigma of 0 mm (no smoothing) or more"
+    return None
