@@ -83,6 +83,12 @@ def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
     assert scoring["calibration"]["healthy_volumes"] == 1
     assert "Dice" in scoring["calibration"]["threshold_rule"]
     assert meta["config"]["preprocess"]["shape"] == [128, 128, 48]
+    # Per-position NLL statistics of the training volumes (after training), one per slab vector, not uniform.
+    assert meta["config"]["position_norm"] is True and scoring["smoothing_mm"] == 6.0
+    weights = load_file(str(tiny_model.json.with_suffix(".safetensors")))
+    assert weights["nll_mean"].shape == weights["nll_std"].shape == (16, 16, 16)  # 128/8, 128/8, 48/3
+    assert torch.isfinite(weights["nll_mean"]).all() and (weights["nll_std"] > 0).all()
+    assert weights["nll_std"].max() > 1.2 * weights["nll_std"].min()
 
     checkpoint = json.loads((out / f"{name}.checkpoint.json").read_text())
     assert checkpoint["epoch"] == TINY_EPOCHS - 1

@@ -386,6 +386,12 @@ def train(
     # Noise in raw feature units is noise / std in the standardised units the flow sees.
     noise = config.noise_sigma if config.noise_space == "standardised" else config.noise_sigma / net.feature_std
 
+    if config.position_norm:  # identity until the first statistics; the weights' layout is fixed from here on
+        net.set_position_statistics(torch.zeros(net.position.shape[:3]), torch.ones(net.position.shape[:3]))
+    # With validation, the statistics follow the flow every epoch, so the epoch is chosen on the heatmap
+    # detection will compute (the statistics are part of the kept state).
+    has_val = context.broadcast(bool(val_items))
+
     optimizer = torch.optim.Adam(net.flow.parameters(), lr=config.lr)
     meta = {"model_config": _config_dict(net.config), "train_config": asdict(config)}
     history, first_epoch = History(), 0
@@ -437,6 +443,8 @@ def train(
         totals = context.all_reduce(torch.tensor([*sums.values(), sum(len(g) for g in groups)], dtype=torch.float64))
         losses = {key: float(total / totals[-1]) for key, total in zip(sums, totals[:-1], strict=True)}
         net.flow.eval()
+        if config.position_norm and has_val:
+            _position_statistics(net, train_items, context)
         metrics = validate(net, val_items) if val_items else {}  # only rank 0 holds validation items
         if context.broadcast(metrics.get("val_auroc", -math.inf) > best_auroc):
             best_auroc = metrics.get("val_auroc", best_auroc)
@@ -456,7 +464,7 @@ def train(
         debug_dump.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in net.flow.state_dict().items()},
                   str(debug_dump / f"rank{context.rank}.safetensors"))
-    if config.position_norm:
+    if config.position_norm and not has_val:
         _position_statistics(net, train_items, context)
     if not context.is_writer:
         return None
