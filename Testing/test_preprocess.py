@@ -17,6 +17,7 @@ from SimpleSliceNetLib.preprocess import (
     GridMapping,
     PreprocessConfig,
     _brain_axes,
+    _covered,
     model_affine,
     preprocess,
 )
@@ -227,6 +228,27 @@ def test_normalisation_ignores_the_intensity_scale():
     a = preprocess(_phantom_volume("ras_1p5mm"), CONFIG)
     b = preprocess(_phantom_volume("ras_1p5mm", scale=7.3), CONFIG)
     np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_covered_voxels_are_those_whose_position_falls_in_the_model_grid(seed):
+    """The row-interval shortcut against the per-voxel test, on oblique anisotropic grids cutting the mask."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((37, 41, 23)) < 0.7
+    in_to_model = np.eye(4)
+    in_to_model[:3, :3] = rotation(rng.normal(size=3), rng.uniform(5, 40)) * rng.uniform(0.5, 2.0, 3)
+    # anisotropic and oblique, with axes flipped at random
+    in_to_model[:3, :3] *= rng.choice([-1, 1], 3)[:, None]
+    shape = (30, 28, 16)
+    # The mask's centre lands up to 15 voxels from the grid's centre.
+    in_to_model[:3, 3] = (np.array(shape) - 1) / 2 - in_to_model[:3, :3] @ [18, 20, 11] + rng.uniform(-15, 15, 3)
+    index = np.argwhere(mask)
+    pos = index @ in_to_model[:3, :3].T + in_to_model[:3, 3]
+    inside = np.all((pos >= -0.5) & (pos <= np.array(shape) - 0.5), axis=1)
+    expected = np.zeros(mask.shape, dtype=bool)
+    expected[tuple(index[inside].T)] = True
+    assert 0 < inside.sum() < len(index)  # the grid cuts the mask
+    np.testing.assert_array_equal(_covered(mask, in_to_model, shape), expected)
 
 
 def test_partial_field_of_view_reports_coverage():

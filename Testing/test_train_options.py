@@ -342,6 +342,14 @@ def test_heatmap_smoothing_option(tmp_path):
         SliceNetConfig.from_dict({**asdict(_config()), "scoring": {"smoothing_mm": float("nan")}})
 
 
+def test_the_kept_epoch_is_the_best_validated_or_the_last():
+    rows = [{"epoch": 1, "val_auroc": 0.90}, {"epoch": 2, "val_auroc": 0.95}, {"epoch": 3, "val_auroc": 0.93}]
+    assert train._selected_row(History(rows))["epoch"] == 2
+    assert train._selected_row(History(rows), "last")["epoch"] == 3
+    assert train._selected_row(History([{"epoch": 1}, {"epoch": 2}]))["epoch"] == 2  # nothing validated
+    assert _train_args().keep == "best" and _train_args("--keep", "last").keep == "last"
+
+
 def test_learning_rate_schedules():
     constant = TrainConfig(epochs=10, lr=1e-3)
     assert [train.epoch_learning_rate(constant, e) for e in (0, 5, 9)] == [1e-3] * 3

