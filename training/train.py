@@ -54,7 +54,8 @@ class TrainConfig:
     seed: int = 0
     calibration_fpr: float = 0.001
     time_budget_min: float | None = None
-    # Standardise the NLL per slab position with statistics of the training volumes (after training).
+    # Standardise the NLL per slab position with statistics of the training volumes: after every epoch
+    # when validating (the epoch is chosen on the heatmap detection computes), else after the last.
     position_norm: bool = True
     # Which epoch's weights the model file keeps: "best" validation AUROC (the last without validation)
     # or "last". A few validation volumes rank close epochs by noise.
@@ -634,7 +635,8 @@ def _with_maps(net, cases, progress):
 
 
 def _selected_row(history: History, keep: str = "best") -> dict:
-    """The history row of the epoch whose weights are kept: the best validation AUROC, else the last."""
+    """The history row of the epoch whose weights are kept: the last, or with ``keep="best"`` the best
+    validation AUROC (the last when nothing was validated)."""
     scored = [row for row in history.rows if "val_auroc" in row]
     if not scored or keep == "last":
         return history.rows[-1] if history.rows else {}
@@ -752,7 +754,7 @@ def add_parser(subparsers) -> None:
                         "voxels of the preprocessed brain mask")
     p.add_argument("--keep", choices=KEEPS, default=TrainConfig.keep,
                    help="the epoch whose weights the model keeps: best validation AUROC (default; the last without "
-                        "validation volumes) or last")
+                        "validation volumes) or last (simpleslicenet; u2ad keeps the best)")
     p.add_argument("--calibration-fpr", type=float, default=TrainConfig.calibration_fpr,
                    help="voxel false-positive rate on healthy validation volumes that sets the threshold")
     p.add_argument("--seed", type=int, default=0)
@@ -777,7 +779,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--blocks", type=int, help="flow blocks (default 8)")
     p.add_argument("--position-norm", action=argparse.BooleanOptionalAction,
                    help="after training, standardise the NLL of each slab position with its mean and std over the "
-                        "training volumes (default; --no-position-norm: one scale for the whole grid, as in the paper)")
+                        "training volumes (default; --no-position-norm: one scale for the whole grid, as in the "
+                        "paper); simpleslicenet only")
     p.add_argument("--smoothing-mm", type=float,
                    help="Gaussian sigma of the heatmap in mm (default 6; the paper's 4); simpleslicenet only")
     p.add_argument("--modality", help="the input contrast the model records (default: from --contrast, e.g. T1)")
