@@ -122,6 +122,24 @@ def test_detect_finds_the_planted_lesion(detect_run, synth_set):
     assert heat[lesion & brain].mean() > heat[brain & ~lesion].mean() + 0.2
 
 
+def test_stored_position_statistics_are_those_of_the_kept_flow(tiny_model, synth_set):
+    """Recomputed from the training volumes with the model file's own flow, they match what it stores."""
+    from SimpleSliceNetLib.detector import build_model
+    from SimpleSliceNetLib.model_file import read_model_file
+    from SimpleSliceNetLib.progress import Progress
+    from SimpleSliceNetTraining import train
+    from SimpleSliceNetTraining.datasets import load_cases
+    from SimpleSliceNetTraining.distributed import Context
+
+    net = build_model(read_model_file(tiny_model.json))
+    stored = net.nll_mean.clone(), net.nll_std.clone()
+    items = train._with_maps(net, load_cases(synth_set.manifest, split="train"), Progress("train", "none"))
+    assert len(items) == 5
+    train._position_statistics(net, items, Context())
+    torch.testing.assert_close(net.nll_mean, stored[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.nll_std, stored[1], rtol=1e-4, atol=1e-5)
+
+
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
     from SimpleSliceNetLib.detector import build_model
     from SimpleSliceNetLib.devices import autocast_dtype
