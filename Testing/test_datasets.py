@@ -10,7 +10,7 @@ import pytest
 
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.volume_io import load_volume, save_volume
-from SimpleSliceNetTraining.datasets import SplitRule, brats_splits, load_cases, load_mask
+from SimpleSliceNetTraining.datasets import SplitRule, brats_splits, load_cases, load_mask, load_sources
 
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
 
@@ -54,6 +54,28 @@ def test_plain_folder_duplicate_names_are_an_error(tmp_path):
     _volume(tmp_path / "a.nrrd")
     with pytest.raises(UserError, match="two cases are named 'a'"):
         load_cases(tmp_path)
+
+
+def test_several_sources_are_combined_with_their_names_in_the_ids(tmp_path):
+    """Two sets with the same case names (two synth runs) train together; one source keeps its ids."""
+    for folder in ("set_a", "set_b"):
+        _volume(tmp_path / folder / "train_000.nii.gz")
+        _volume(tmp_path / folder / "train_001.nii.gz", seed=1)
+    _volume(tmp_path / "set_b" / "train_002.nii.gz", seed=2)
+    listing = tmp_path / "more.txt"
+    listing.write_text("set_a/train_000.nii.gz\n")
+    cases = load_sources([tmp_path / "set_a", tmp_path / "set_b", listing], assume_healthy=True)
+    assert [c.id for c in cases] == ["more/train_000", "set_a/train_000", "set_a/train_001", "set_b/train_000",
+                                     "set_b/train_001", "set_b/train_002"]
+    assert cases[3].image == tmp_path / "set_b" / "train_000.nii.gz"
+    assert all(c.label == "healthy" for c in cases)
+    assert [c.id for c in load_sources([tmp_path / "set_b"])] == ["train_000", "train_001", "train_002"]
+    # Sources that share a folder name are told apart by their position.
+    _volume(tmp_path / "other" / "set_a" / "train_000.nii.gz")
+    both = load_sources([tmp_path / "set_a", tmp_path / "other" / "set_a"])
+    assert [c.id for c in both] == ["1-set_a/train_000", "1-set_a/train_001", "2-set_a/train_000"]
+    with pytest.raises(UserError, match="missing"):
+        load_sources([tmp_path / "set_a", tmp_path / "missing"])
 
 
 def _brats(root: Path, number: int, with_seg: bool = True) -> Path:

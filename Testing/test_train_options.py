@@ -24,7 +24,7 @@ from SimpleSliceNetLib.preprocess import PreprocessConfig, preprocess
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.resources import bundled_models_dir
 from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
-from SimpleSliceNetLib.volume_io import Volume
+from SimpleSliceNetLib.volume_io import Volume, save_volume
 from SimpleSliceNetTraining import train
 from SimpleSliceNetTraining.distributed import Context
 from SimpleSliceNetTraining.grid_options import SLICENET_GRID, grid_config
@@ -340,6 +340,18 @@ def test_heatmap_smoothing_option(tmp_path):
     assert result.stderr.strip() == "error: --smoothing-mm -2: give a sigma of 0 mm (no smoothing) or more"
     with pytest.raises(ValueError, match="sigma"):  # a model file saying so is refused too
         SliceNetConfig.from_dict({**asdict(_config()), "scoring": {"smoothing_mm": float("nan")}})
+
+
+def test_several_training_sources(tmp_path):
+    assert _train_args().train == ["x"]
+    assert build_parser().parse_args(["train", "--train", "a", "b/cases.json", "--name", "m"]).train == \
+        ["a", "b/cases.json"]
+    save_volume(tmp_path / "scans" / "a.nii.gz", np.ones((8, 8, 8), np.float32), np.eye(4))
+    result = run_cli("train", "--train", str(tmp_path / "scans"), str(tmp_path / "nowhere"), "--name", "m",
+                     "--output-dir", str(tmp_path / "models"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(tmp_path / "nowhere") in result.stderr and "not found" in result.stderr
+    assert not (tmp_path / "models").exists()
 
 
 def test_the_kept_epoch_is_the_best_validated_or_the_last():

@@ -23,7 +23,7 @@ import argparse
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,24 @@ def load_cases(
     if not cases:
         raise UserError(f"{path}: no usable cases found; looked for {_LAYOUTS_LOOKED_FOR}")
     _check_unique_ids(path, cases)
+    return sorted(cases, key=lambda case: case.id)
+
+
+def load_sources(sources: list[str | Path], split: str | None = None, **options: Any) -> list[Case]:
+    """The cases of several sources (each read by :func:`load_cases` with the same ``split`` and ``options``).
+
+    With more than one source every id is prefixed with its source's name (``synth_extra/train_000_healthy``)
+    so two sets with the same case names can be combined; a name two sources share gets their position too.
+    """
+    if len(sources) == 1:
+        return load_cases(sources[0], split=split, **options)
+    paths = [Path(source).expanduser() for source in sources]
+    names = [path.parent.name if path.suffix.lower() == ".json" else path.stem if path.is_file() else path.name
+             for path in paths]
+    if len(set(names)) < len(names):
+        names = [f"{number}-{name}" for number, name in enumerate(names, start=1)]
+    cases = [replace(case, id=f"{name}/{case.id}")
+             for path, name in zip(paths, names, strict=True) for case in load_cases(path, split=split, **options)]
     return sorted(cases, key=lambda case: case.id)
 
 

@@ -722,7 +722,9 @@ def add_parser(subparsers) -> None:
         help="train a model on healthy volumes",
         description="Train a SimpleSliceNet model on healthy volumes; writes NAME.json + NAME.safetensors.",
     )
-    p.add_argument("--train", required=True, help="healthy volumes: folder, cases.json, IXI folder or a .txt list")
+    p.add_argument("--train", required=True, nargs="+", metavar="SOURCE",
+                   help="healthy volumes: folder, cases.json, IXI folder or a .txt list; several sources are "
+                        "combined (case ids then start with each source's folder name)")
     p.add_argument("--val", help="validation volumes (lesion cases with masks, and healthy ones for calibration)")
     p.add_argument("--train-split", default="train", help="split of --train to use (default: train; all: every case)")
     p.add_argument("--val-split", default="val", help="split of --val to use (default: val; BraTS: the first 251)")
@@ -823,12 +825,12 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.scoring import ScoringConfig
     from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 
-    from .datasets import load_cases, split_rule
+    from .datasets import load_cases, load_sources, split_rule
 
     data = {"contrast": args.contrast, "rule": split_rule(args)}
-    train_cases = [c for c in load_cases(args.train, split=args.train_split, **data) if c.label != "lesion"]
+    train_cases = [c for c in load_sources(args.train, split=args.train_split, **data) if c.label != "lesion"]
     if not train_cases:
-        raise UserError(f"{args.train}: no healthy training volumes found")
+        raise UserError(f"{', '.join(args.train)}: no healthy training volumes found")
     val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
     config = SliceNetConfig(
         preprocess=grid_config(args, SLICENET_GRID),
@@ -869,7 +871,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         "modality": args.modality,
         "description": args.description,
         "version": args.model_version,
-        "train_source": str(args.train),
+        "train_source": ", ".join(args.train),
         "val_source": str(args.val) if args.val else None,
         "encoder_weights": args.encoder_weights,
         "preset": args.preset,

@@ -337,10 +337,10 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     from SimpleSliceNetLib.resources import user_models_dir
     from SimpleSliceNetLib.u2ad import U2ADConfig, U2ADModel
 
-    from .datasets import load_cases, split_rule
+    from .datasets import load_cases, load_sources, split_rule
 
     data = {"contrast": args.contrast, "rule": split_rule(args)}
-    train_cases = load_cases(args.train, split=args.train_split, **data)
+    train_cases = load_sources(args.train, split=args.train_split, **data)
     abnormal = sum(case.label == "lesion" for case in train_cases)
     if abnormal:
         progress.info(f"same-dataset mode: {abnormal} of {len(train_cases)} training volumes are labelled lesion; "
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         "modality": args.modality,
         "description": args.description,
         "version": args.model_version,
-        "train_source": str(args.train),
+        "train_source": ", ".join(args.train),
         "val_source": str(args.val) if args.val else None,
         "train_lesion_volumes": abnormal,
         "command": "simpleslicenet " + " ".join(sys.argv[1:]),
