@@ -140,6 +140,40 @@ def test_stored_position_statistics_are_those_of_the_kept_flow(tiny_model, synth
     torch.testing.assert_close(net.nll_std, stored[1], rtol=1e-4, atol=1e-5)
 
 
+def test_position_statistics_from_volumes_the_flow_does_not_train_on(tiny_model, synth_set, tmp_path):
+    """--position-stats: the stored statistics are those of the given volumes with the trained flow, not the
+    training volumes'; the flow itself trains exactly as without the option."""
+    from SimpleSliceNetLib.detector import build_model
+    from SimpleSliceNetLib.model_file import read_model_file
+    from SimpleSliceNetLib.progress import Progress
+    from SimpleSliceNetTraining import train
+    from SimpleSliceNetTraining.datasets import load_cases
+    from SimpleSliceNetTraining.distributed import Context
+
+    listing = tmp_path / "stats.txt"
+    listing.write_text(f"{synth_set.val_healthy}\n{synth_set.train[0]}\n")
+    base = ["--progress", "json", "train", "--train", str(synth_set.manifest), "--shape", "96,96,48", "--spacing",
+            "2,2,3", "--epochs", "1", "--blocks", "2", "--device", "cpu", "--output-dir", str(tmp_path)]
+    done = run_cli(*base, "--name", "with_stats", "--position-stats", str(listing))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 of the --position-stats volumes are training volumes too" in done.stdout
+    model = read_model_file(tmp_path / "with_stats.json")
+    assert model.training["position_stats_volumes"] == 2 and model.training["position_stats_source"] == str(listing)
+    net = build_model(model)
+    stored = net.nll_mean.clone(), net.nll_std.clone()
+    for source, same in ((load_cases(listing, assume_healthy=True), True),
+                         (load_cases(synth_set.manifest, split="train"), False)):
+        items = train._with_maps(net, source, Progress("train", "none"))
+        train._position_statistics(net, items, Context())
+        assert torch.allclose(net.nll_mean, stored[0], rtol=1e-4, atol=1e-5) is same
+        assert torch.allclose(net.nll_std, stored[1], rtol=1e-4, atol=1e-5) is same
+    assert run_cli(*base, "--name", "plain").returncode == 0
+    flow = {k: v for k, v in load_file(tmp_path / "with_stats.safetensors").items() if k.startswith("flow.")}
+    plain = load_file(tmp_path / "plain.safetensors")
+    assert flow and all(torch.equal(flow[k], plain[k]) for k in flow)
+    assert not torch.equal(plain["nll_std"], load_file(tmp_path / "with_stats.safetensors")["nll_std"])
+
+
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
     from SimpleSliceNetLib.detector import build_model
     from SimpleSliceNetLib.devices import autocast_dtype

@@ -354,6 +354,16 @@ def test_several_training_sources(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def test_position_statistics_volumes_need_position_norm():
+    args = _train_args("--position-stats", "a", "b/cases.json")
+    train.resolve_options(args)
+    assert args.position_stats == ["a", "b/cases.json"] and args.position_norm
+    assert _train_args().position_stats is None
+    for extra in (["--no-position-norm"], ["--preset", "paper", "--encoder-weights", "none"]):
+        with pytest.raises(UserError, match="--position-stats gives volumes for the per-position statistics"):
+            train.resolve_options(_train_args("--position-stats", "a", *extra))
+
+
 def test_the_kept_epoch_is_the_best_validated_or_the_last():
     rows = [{"epoch": 1, "val_auroc": 0.90}, {"epoch": 2, "val_auroc": 0.95}, {"epoch": 3, "val_auroc": 0.93}]
     assert train._selected_row(History(rows))["epoch"] == 2

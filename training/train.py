@@ -355,8 +355,12 @@ def train(
     summary: dict | None = None,
     context: Context | None = None,
     debug_dump: Path | None = None,
+    stats_cases: list | None = None,
 ) -> Path | None:
     """Fit ``net``'s flow on ``train_cases`` (healthy) and write the model file to ``output``.
+
+    ``stats_cases``: healthy volumes the flow does not train on, for the per-position NLL statistics
+    alone (default: the training volumes, whose likelihoods the flow has fitted and so understates).
 
     Under ``torchrun`` (a ``context`` of several ranks) every rank encodes its shard of
     ``train_cases``, the feature statistics are pooled over all ranks, DDP averages the gradients and
@@ -379,11 +383,17 @@ def train(
     if empty_ranks:
         where = f" on {empty_ranks} of {context.world_size} ranks; use fewer processes or" if context.active else ";"
         raise UserError(f"no usable training volume{where} check the training data")
-    val_items = _extract(net, val_cases, progress, "encoding validation volumes", (0.2, 0.05), keep_maps=True)
+    val_items = _extract(net, val_cases, progress, "encoding validation volumes", (0.2, 0.03), keep_maps=True)
+    stats_items = train_items
+    if stats_cases and config.position_norm:
+        stats_items = _extract(net, context.shard(stats_cases), progress, "encoding statistics volumes", (0.23, 0.02),
+                               keep_maps=False)
+        if not int(context.all_reduce(torch.tensor([len(stats_items)]))[0]):
+            raise UserError("no usable volume for the position statistics; check --position-stats")
 
     _feature_statistics(net, train_items, context)
     mean, std = net.feature_mean.cpu(), net.feature_std.cpu()
-    for item in train_items + val_items:
+    for item in train_items + val_items + (stats_items if stats_items is not train_items else []):
         item.features = (item.features - mean) / std
     position = net.position.reshape(-1, net.position.shape[-1]).cpu()
     device = net.feature_mean.device
@@ -448,7 +458,7 @@ def train(
         losses = {key: float(total / totals[-1]) for key, total in zip(sums, totals[:-1], strict=True)}
         net.flow.eval()
         if config.position_norm and has_val:
-            _position_statistics(net, train_items, context)
+            _position_statistics(net, stats_items, context)
         metrics = validate(net, val_items) if val_items else {}  # only rank 0 holds validation items
         if config.keep == "best" and context.broadcast(metrics.get("val_auroc", -math.inf) > best_auroc):
             best_auroc = metrics.get("val_auroc", best_auroc)
@@ -469,7 +479,7 @@ def train(
         save_file({k: v.detach().cpu().contiguous() for k, v in net.flow.state_dict().items()},
                   str(debug_dump / f"rank{context.rank}.safetensors"))
     if config.position_norm and not has_val:
-        _position_statistics(net, train_items, context)
+        _position_statistics(net, stats_items, context)
     if not context.is_writer:
         return None
     healthy_val = [item for item in val_items if item.label == "healthy"]
@@ -513,7 +523,7 @@ def _feature_statistics(net, items: list[VolumeItem], context: Context) -> None:
 
 
 def _position_statistics(net, items: list[VolumeItem], context: Context) -> None:
-    """Set ``net``'s per-position NLL mean and std from the brain vectors of the training volumes of all ranks.
+    """Set ``net``'s per-position NLL mean and std from the brain vectors of ``items`` (healthy) of all ranks.
 
     A position that few volumes cover (the brain's edge) borrows from the whole brain: its mean and
     variance are shrunk towards the pooled ones with the weight of POSITION_PRIOR_VOLUMES volumes.
@@ -710,6 +720,9 @@ def resolve_options(args: argparse.Namespace) -> None:
     for error in (neighbourhood_error(args.neighbourhood), smoothing_error(args.smoothing_mm)):
         if error:
             raise UserError(f"--{error}")
+    if args.position_stats and not args.position_norm:
+        raise UserError("--position-stats gives volumes for the per-position statistics, which --no-position-norm "
+                        "(or --preset paper) turns off; drop one of them")
     if args.modality is None:
         from .datasets import MODALITY
 
@@ -785,6 +798,10 @@ def add_parser(subparsers) -> None:
                         "paper); simpleslicenet only")
     p.add_argument("--smoothing-mm", type=float,
                    help="Gaussian sigma of the heatmap in mm (default 6; the paper's 4); simpleslicenet only")
+    p.add_argument("--position-stats", nargs="+", metavar="SOURCE",
+                   help="healthy volumes the flow does not train on, used only for the per-position statistics "
+                        "(the --train-split of each source): new subjects vary more than the training volumes "
+                        "the flow has fitted (default: the training volumes); simpleslicenet only")
     p.add_argument("--modality", help="the input contrast the model records (default: from --contrast, e.g. T1)")
     p.add_argument("--description", default="")
     p.add_argument("--model-version", default="1.0.0",
@@ -832,6 +849,13 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if not train_cases:
         raise UserError(f"{', '.join(args.train)}: no healthy training volumes found")
     val_cases = load_cases(args.val, split=args.val_split, **data) if args.val else []
+    stats_cases = [c for c in load_sources(args.position_stats, split=args.train_split, **data)
+                   if c.label != "lesion"] if args.position_stats else []
+    if args.position_stats and not stats_cases:
+        raise UserError(f"{', '.join(args.position_stats)}: no healthy volumes for the position statistics")
+    if shared := {c.image.resolve() for c in stats_cases} & {c.image.resolve() for c in train_cases}:
+        progress.info(f"{len(shared)} of the --position-stats volumes are training volumes too: the statistics "
+                      "will understate how much new subjects vary")
     config = SliceNetConfig(
         preprocess=grid_config(args, SLICENET_GRID),
         encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
@@ -873,6 +897,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         "version": args.model_version,
         "train_source": ", ".join(args.train),
         "val_source": str(args.val) if args.val else None,
+        "position_stats_source": ", ".join(args.position_stats) if stats_cases else None,
+        "position_stats_volumes": len(stats_cases) if stats_cases else None,
         "encoder_weights": args.encoder_weights,
         "preset": args.preset,
         "command": "simpleslicenet " + " ".join(sys.argv[1:]),
@@ -880,7 +906,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     progress.emit("start", total=args.epochs)
     try:
         path = train(train_cases, output, net, train_config, val_cases, progress, args.resume, summary, context,
-                     args.debug_dump_dir)
+                     args.debug_dump_dir, stats_cases)
         context.barrier()  # the job ends when rank 0 has written the model
     finally:
         distributed.cleanup(context)
