@@ -364,6 +364,21 @@ def test_position_statistics_volumes_need_position_norm():
             train.resolve_options(_train_args("--position-stats", "a", *extra))
 
 
+def test_options_of_the_other_method_are_refused():
+    """A forgotten --method u2ad (or a SimpleSliceNet option with it) would otherwise be ignored silently."""
+    result = run_cli("train", "--train", "x", "--name", "m", "--guidance", "eu", "--mc-samples", "8")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: --guidance, --mc-samples: U2AD option(s); add --method u2ad, or drop "
+                                     "them for SimpleSliceNet")
+    with pytest.raises(UserError, match=r"^--smoothing-mm, --keep, --position-stats: SimpleSliceNet option"):
+        train._check_method_options(_train_args("--method", "u2ad", "--smoothing-mm", "4", "--keep", "last",
+                                                "--position-stats", "a"))
+    # Options both methods read, values equal to the defaults, and each method's own options pass.
+    for extra in (["--method", "u2ad", "--guidance", "eu", "--epochs", "3", "--lr", "1e-4", "--keep", "best"],
+                  ["--smoothing-mm", "4", "--mc-samples", "4", "--calibration-fpr", "0.01"]):
+        train._check_method_options(_train_args(*extra))
+
+
 def test_the_kept_epoch_is_the_best_validated_or_the_last():
     rows = [{"epoch": 1, "val_auroc": 0.90}, {"epoch": 2, "val_auroc": 0.95}, {"epoch": 3, "val_auroc": 0.93}]
     assert train._selected_row(History(rows))["epoch"] == 2

@@ -688,6 +688,11 @@ OPTION_DEFAULTS = {
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
     "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0,
 }
+# The options only the simpleslicenet method reads (train_u2ad.U2AD_OPTIONS: only u2ad's).
+SIMPLESLICENET_OPTIONS = (
+    *(key for key in OPTION_DEFAULTS if key not in ("epochs", "lr")), "triplet_margin", "keep", "slab_stride",
+    "position_stats",
+)
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
     # features; standardised features make that 0.08 / std per channel, which noise_space "raw" applies.
@@ -816,12 +821,30 @@ def add_parser(subparsers) -> None:
     from . import train_u2ad  # imported here: it builds on this module
 
     train_u2ad.add_arguments(p)
-    p.set_defaults(func=run)
+    # Their defaults, to tell an option given for the other method (a forgotten --method u2ad) from one left alone.
+    p.set_defaults(func=run, method_option_defaults={
+        dest: p.get_default(dest) for dest in SIMPLESLICENET_OPTIONS + train_u2ad.U2AD_OPTIONS})
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Refuse options of the other method: they would be ignored without a word."""
+    from .train_u2ad import U2AD_OPTIONS
+
+    foreign = U2AD_OPTIONS if args.method == "simpleslicenet" else SIMPLESLICENET_OPTIONS
+    defaults = getattr(args, "method_option_defaults", {})
+    given = ["--" + dest.replace("_", "-") for dest in foreign
+             if dest in defaults and getattr(args, dest) != defaults[dest]]
+    if not given:
+        return
+    if args.method == "simpleslicenet":
+        raise UserError(f"{', '.join(given)}: U2AD option(s); add --method u2ad, or drop them for SimpleSliceNet")
+    raise UserError(f"{', '.join(given)}: SimpleSliceNet option(s) that --method u2ad does not use; drop them")
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
     from . import distributed
 
+    _check_method_options(args)
     resolve_options(args)
     context = distributed.from_env()
     if args.method == "u2ad":

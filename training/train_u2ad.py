@@ -305,6 +305,10 @@ def train_u2ad(
 # --- command line (options added to `simpleslicenet train`) -------------------------------------
 
 
+U2AD_OPTIONS = ("guidance", "mc_every", "mc_samples", "au_start", "au_exclude", "eu_strength", "batch_slices", "patch",
+                "encoder_depth", "encoder_dim", "decoder_depth", "decoder_dim", "mask_ratio", "samples")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """U2AD options of ``simpleslicenet train`` (used with ``--method u2ad``)."""
     from SimpleSliceNetLib.u2ad_config import U2ADConfig
