@@ -688,7 +688,7 @@ OPTION_DEFAULTS = {
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
     "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0,
 }
-# The options only the simpleslicenet method reads (train_u2ad.U2AD_OPTIONS: only u2ad's).
+# The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
     *(key for key in OPTION_DEFAULTS if key not in ("epochs", "lr")), "triplet_margin", "keep", "slab_stride",
     "position_stats",
@@ -820,20 +820,17 @@ def add_parser(subparsers) -> None:
     add_dataset_arguments(p)
     from . import train_u2ad  # imported here: it builds on this module
 
-    train_u2ad.add_arguments(p)
-    # Their defaults, to tell an option given for the other method (a forgotten --method u2ad) from one left alone.
-    p.set_defaults(func=run, method_option_defaults={
-        dest: p.get_default(dest) for dest in SIMPLESLICENET_OPTIONS + train_u2ad.U2AD_OPTIONS})
+    u2ad_options = train_u2ad.add_arguments(p)
+    # Each method's own options with their defaults, to tell an option given for the other method (a
+    # forgotten --method u2ad) from one left alone.
+    p.set_defaults(func=run, method_options={
+        "simpleslicenet": {dest: p.get_default(dest) for dest in SIMPLESLICENET_OPTIONS}, "u2ad": u2ad_options})
 
 
 def _check_method_options(args: argparse.Namespace) -> None:
     """Refuse options of the other method: they would be ignored without a word."""
-    from .train_u2ad import U2AD_OPTIONS
-
-    foreign = U2AD_OPTIONS if args.method == "simpleslicenet" else SIMPLESLICENET_OPTIONS
-    defaults = getattr(args, "method_option_defaults", {})
-    given = ["--" + dest.replace("_", "-") for dest in foreign
-             if dest in defaults and getattr(args, dest) != defaults[dest]]
+    foreign = args.method_options["u2ad" if args.method == "simpleslicenet" else "simpleslicenet"]
+    given = ["--" + dest.replace("_", "-") for dest, default in foreign.items() if getattr(args, dest) != default]
     if not given:
         return
     if args.method == "simpleslicenet":
@@ -876,7 +873,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                    if c.label != "lesion"] if args.position_stats else []
     if args.position_stats and not stats_cases:
         raise UserError(f"{', '.join(args.position_stats)}: no healthy volumes for the position statistics")
-    if shared := {c.image.resolve() for c in stats_cases} & {c.image.resolve() for c in train_cases}:
+    if stats_cases and (shared := {c.image.resolve() for c in stats_cases} & {c.image.resolve() for c in train_cases}):
         progress.info(f"{len(shared)} of the --position-stats volumes are training volumes too: the statistics "
                       "will understate how much new subjects vary")
     config = SliceNetConfig(

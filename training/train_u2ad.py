@@ -305,34 +305,36 @@ def train_u2ad(
 # --- command line (options added to `simpleslicenet train`) -------------------------------------
 
 
-U2AD_OPTIONS = ("guidance", "mc_every", "mc_samples", "au_start", "au_exclude", "eu_strength", "batch_slices", "patch",
-                "encoder_depth", "encoder_dim", "decoder_depth", "decoder_dim", "mask_ratio", "samples")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """U2AD options of ``simpleslicenet train`` (used with ``--method u2ad``)."""
+def add_arguments(p: argparse.ArgumentParser) -> dict:
+    """Add the U2AD options of ``simpleslicenet train`` (used with ``--method u2ad``); returns their defaults."""
     from SimpleSliceNetLib.u2ad_config import U2ADConfig
 
     g = p.add_argument_group("U2AD (--method u2ad)")
-    g.add_argument("--guidance", default=U2ADTrainConfig.guidance, choices=GUIDANCE,
-                   help="uncertainty-guided masking phases: none (random masks), eu, eu+au (default)")
-    g.add_argument("--mc-every", type=int, default=U2ADTrainConfig.mc_every,
-                   help="Monte-Carlo uncertainty (and validation) every N epochs")
-    g.add_argument("--mc-samples", type=int, default=U2ADTrainConfig.mc_samples, help="masks per slice (K)")
-    g.add_argument("--au-start", type=float, default=U2ADTrainConfig.au_start,
-                   help="fraction of the epochs after which the EU+AU phase starts")
-    g.add_argument("--au-exclude", type=float, default=U2ADTrainConfig.au_exclude,
-                   help="fraction of top-error ROI patches per volume kept out of masking in the EU+AU phase")
-    g.add_argument("--eu-strength", type=float, default=U2ADTrainConfig.eu_strength,
-                   help="how much more often uncertain patches are masked (0 = uniform)")
-    g.add_argument("--batch-slices", type=int, default=U2ADTrainConfig.batch_slices)
-    g.add_argument("--patch", type=int, default=U2ADConfig.patch)
-    g.add_argument("--encoder-depth", type=int, default=U2ADConfig.encoder_depth)
-    g.add_argument("--encoder-dim", type=int, default=U2ADConfig.encoder_dim)
-    g.add_argument("--decoder-depth", type=int, default=U2ADConfig.decoder_depth)
-    g.add_argument("--decoder-dim", type=int, default=U2ADConfig.decoder_dim)
-    g.add_argument("--mask-ratio", type=float, default=U2ADConfig.mask_ratio)
-    g.add_argument("--samples", type=int, default=U2ADConfig.samples, help="masks per slice at detection (K)")
+    actions = []
+
+    def add(*names: str, **options) -> None:
+        actions.append(g.add_argument(*names, **options))
+
+    add("--guidance", default=U2ADTrainConfig.guidance, choices=GUIDANCE,
+        help="uncertainty-guided masking phases: none (random masks), eu, eu+au (default)")
+    add("--mc-every", type=int, default=U2ADTrainConfig.mc_every,
+        help="Monte-Carlo uncertainty (and validation) every N epochs")
+    add("--mc-samples", type=int, default=U2ADTrainConfig.mc_samples, help="masks per slice (K)")
+    add("--au-start", type=float, default=U2ADTrainConfig.au_start,
+        help="fraction of the epochs after which the EU+AU phase starts")
+    add("--au-exclude", type=float, default=U2ADTrainConfig.au_exclude,
+        help="fraction of top-error ROI patches per volume kept out of masking in the EU+AU phase")
+    add("--eu-strength", type=float, default=U2ADTrainConfig.eu_strength,
+        help="how much more often uncertain patches are masked (0 = uniform)")
+    add("--batch-slices", type=int, default=U2ADTrainConfig.batch_slices)
+    add("--patch", type=int, default=U2ADConfig.patch)
+    add("--encoder-depth", type=int, default=U2ADConfig.encoder_depth)
+    add("--encoder-dim", type=int, default=U2ADConfig.encoder_dim)
+    add("--decoder-depth", type=int, default=U2ADConfig.decoder_depth)
+    add("--decoder-dim", type=int, default=U2ADConfig.decoder_dim)
+    add("--mask-ratio", type=float, default=U2ADConfig.mask_ratio)
+    add("--samples", type=int, default=U2ADConfig.samples, help="masks per slice at detection (K)")
+    return {action.dest: action.default for action in actions}
 
 
 def run(args: argparse.Namespace, progress: Progress) -> int:
