@@ -20,7 +20,7 @@ from SimpleSliceNetLib.encoder import EncoderConfig
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.flow import FlowConfig
 from SimpleSliceNetLib.model_file import read_model_file
-from SimpleSliceNetLib.preprocess import PreprocessConfig, preprocess
+from SimpleSliceNetLib.preprocess import PreprocessConfig, placement_jitter, preprocess
 from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.resources import bundled_models_dir
 from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
@@ -535,3 +535,75 @@ def test_checkpoints_from_before_the_new_options_resume_and_others_are_refused(t
     other_meta = {"model_config": train._config_dict(other.config), "train_config": {}}
     with pytest.raises(UserError, match="another model configuration"):
         train._load_checkpoint(output, other, torch.optim.Adam(other.flow.parameters()), other_meta)
+
+
+# --- placement augmentation (--augment) ----------------------------------------------------------
+
+
+def test_placement_jitter_turns_scales_and_shifts_the_grid_about_its_centre_within_bounds():
+    config = PreprocessConfig(shape=(64, 48, 24), spacing=(1.0, 1.0, 2.0))
+    assert np.allclose(placement_jitter(config, np.random.default_rng(0), 0.0, 0.0, 0.0), np.eye(4))
+    centre = np.append((np.asarray(config.shape) - 1) / 2.0, 1.0)
+    spacing = np.asarray(config.spacing)
+    shifts, sizes = [], []
+    for seed in range(50):
+        offset = placement_jitter(config, np.random.default_rng(seed), 4.0, 5.0, 0.04)
+        shifts.append(np.abs((offset @ centre - centre)[:3] * spacing))  # in mm
+        mm = np.diag(spacing) @ offset[:3, :3] @ np.diag(1.0 / spacing)  # the linear part in mm
+        size = np.cbrt(np.linalg.det(mm))
+        turn = mm / size
+        assert np.allclose(turn @ turn.T, np.eye(3), atol=1e-9)  # a rotation in millimetres, on anisotropic voxels
+        assert np.degrees(np.arccos((np.trace(turn) - 1) / 2)) <= 5.0 * np.sqrt(3) + 1e-6
+        sizes.append(size)
+    assert np.max(shifts) <= 4.0 + 1e-9 and np.max(shifts) > 3.0  # the bounds, and they are used
+    assert 0.96 - 1e-9 <= min(sizes) < 0.98 and 1.02 < max(sizes) <= 1.04 + 1e-9
+
+
+def test_a_grid_offset_moves_the_model_grid_and_the_maps_still_land_on_the_input_grid():
+    shape, spacing = (48, 56, 40), (1.5, 1.5, 2.0)
+    affine = grid_affine(shape, spacing)
+    volume = Volume(phantom(shape, affine), affine)
+    config = PreprocessConfig(shape=(64, 64, 32), spacing=(2.0, 2.0, 3.0))
+    plain = preprocess(volume, config)
+    offset = placement_jitter(config, np.random.default_rng(3), 4.0, 4.0, 0.04)
+    moved = preprocess(volume, config, grid_offset=offset)
+    np.testing.assert_allclose(moved.mapping.model_affine, plain.mapping.model_affine @ offset)
+    assert not np.array_equal(moved.image, plain.image)
+    assert moved.mapping.input_affine is plain.mapping.input_affine and moved.input_brain.shape == shape
+
+
+def test_each_epoch_fits_one_placement_of_every_volume():
+    items = [VolumeItem(f"v{i}", None, variant=k, variants=3) for i in range(4) for k in range(3)]
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(10):
+        chosen = train._epoch_placements(items, rng)
+        assert sorted(item.id for item in chosen) == ["v0", "v1", "v2", "v3"]
+        seen |= {(item.id, item.variant) for item in chosen}
+    assert len(seen) > 8  # the placements vary from epoch to epoch
+    single = [VolumeItem(f"v{i}", None) for i in range(3)]
+    assert train._epoch_placements(single, rng) is single  # no augmentation: the same items, no draw
+
+
+def test_placements_of_one_volume_count_as_one_volume_in_the_position_statistics():
+    torch.manual_seed(0)
+    net = SliceNetModel(_config(), encoder_weights="none").eval()
+    g = torch.Generator().manual_seed(1)
+    cells = torch.ones(8, 6, 8, dtype=torch.bool)
+    volumes = [torch.randn(8, 6, 8, net.dim, generator=g) for _ in range(6)]
+    train._position_statistics(net, [VolumeItem(f"v{i}", f, cells=cells) for i, f in enumerate(volumes)], Context())
+    once = net.nll_mean.clone(), net.nll_std.clone()
+    tripled = [VolumeItem(f"v{i}", f, cells=cells, variant=k, variants=3) for i, f in enumerate(volumes)
+               for k in range(3)]
+    train._position_statistics(net, tripled, Context())
+    torch.testing.assert_close(net.nll_mean, once[0])
+    torch.testing.assert_close(net.nll_std, once[1])
+
+
+def test_augment_needs_one_placement_or_more(tmp_path):
+    args = _train_args("--augment", "4")
+    train.resolve_options(args)
+    assert args.augment == 4 and _train_args().augment == 1
+    result = run_cli("train", "--train", str(tmp_path), "--name", "m", "--augment", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --augment 0: give 1 (no placement jitter) or more placements per volume"

@@ -60,11 +60,19 @@ class TrainConfig:
     # Which epoch's weights the model file keeps: "best" validation AUROC (the last without validation)
     # or "last". A few validation volumes rank close epochs by noise.
     keep: str = "best"
+    # Placements of each training volume's model grid: 1 = the placement rule's only; K > 1 adds K - 1
+    # jittered ones (JITTER_*) and each epoch fits one of the K per volume, drawn at random.
+    augment: int = 1
 
 
 LR_SCHEDULES = ("constant", "cosine")
 # Prior weight, in volumes, of the whole brain's NLL statistics in each position's (see _position_statistics).
 POSITION_PRIOR_VOLUMES = 5.0
+# Placement jitter of --augment: about the size of the placement's own error between subjects (the
+# registration-free alignment leaves anatomy a few mm and degrees apart).
+JITTER_SHIFT_MM = 4.0
+JITTER_DEGREES = 4.0
+JITTER_SCALE = 0.04
 
 
 def epoch_learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -109,14 +117,17 @@ class VolumeItem:
     brain_bits: Bits | None = None  # the input-grid brain voxels the model grid covers
     keep: object = None  # torch.Tensor of the flat indices of the vectors the flow fits (None: all)
     cells: object = None  # torch.Tensor (h, w, slabs), bool: the slab vectors whose footprint holds brain
+    variant: int = 0  # which placement of its volume (training augmentation; 0 = the placement rule's)
+    variants: int = 1  # placements of its volume in all
 
     @classmethod
     def of(cls, id: str, features, label: str | None, lesion: np.ndarray | None, pre, keep=None,
-           slim: bool = False, cells=None) -> VolumeItem:
+           slim: bool = False, cells=None, variant: int = 0, variants: int = 1) -> VolumeItem:
         brain = None if pre is None else Bits.of(pre.input_brain)
         if slim and pre is not None:
             pre = replace(pre, image=None, brain=None, input_brain=None)
-        return cls(id, features, label, None if lesion is None else Bits.of(lesion), pre, brain, keep, cells)
+        return cls(id, features, label, None if lesion is None else Bits.of(lesion), pre, brain, keep, cells,
+                   variant, variants)
 
     @property
     def lesion(self) -> np.ndarray | None:
@@ -199,31 +210,45 @@ def flow_loss(logp_real, logp_fake, config: TrainConfig, epoch: int):
 
 
 def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float], keep_maps: bool,
-             brain_only: bool = False):
-    """Preprocess and encode every case once; with ``brain_only`` note which vectors touch the brain."""
+             brain_only: bool = False, variants: int = 1, seed: int = 0):
+    """Preprocess and encode every case; with ``brain_only`` note which vectors touch the brain.
+
+    ``variants`` > 1 encodes each case that many times: as placed by the rule, then on jittered grids
+    (``placement_jitter``, seeded by ``seed`` and the case id, so a run can be repeated).
+    """
+    import zlib
+
     import torch
 
     from SimpleSliceNetLib.devices import autocast_dtype
     from SimpleSliceNetLib.errors import VolumeError
-    from SimpleSliceNetLib.preprocess import preprocess
+    from SimpleSliceNetLib.preprocess import placement_jitter, preprocess
     from SimpleSliceNetLib.volume_io import load_volume
 
     from .datasets import load_mask
 
     cast = autocast_dtype(net.feature_mean.device.type)
+    config = net.config.preprocess
     items = []
     for case in progress.iterate(cases, len(cases), desc, *span):
+        rng = np.random.default_rng([seed, zlib.crc32(case.id.encode())])
+        placements = []
         try:
             volume = load_volume(case.image)
-            pre = preprocess(volume, net.config.preprocess, name=str(case.image))
             lesion = load_mask(case, volume) if (keep_maps and case.mask is not None) else None
+            for variant in range(variants):
+                offset = None if variant == 0 else placement_jitter(config, rng, JITTER_SHIFT_MM, JITTER_DEGREES,
+                                                                    JITTER_SCALE)
+                placements.append((variant, preprocess(volume, config, name=str(case.image), grid_offset=offset)))
         except VolumeError as exc:
             progress.info(f"skipped: {exc}")
             continue
-        cells = net.slab_brain(pre.brain)
-        keep = torch.nonzero(cells.flatten())[:, 0] if brain_only else None
-        items.append(VolumeItem.of(case.id, net.features(pre.image, cast).cpu(), case.label, lesion,
-                                   pre if keep_maps else None, keep, slim=True, cells=cells))
+        for variant, pre in placements:
+            cells = net.slab_brain(pre.brain)
+            keep = torch.nonzero(cells.flatten())[:, 0] if brain_only else None
+            items.append(VolumeItem.of(case.id, net.features(pre.image, cast).cpu(), case.label, lesion,
+                                       pre if keep_maps else None, keep, slim=True, cells=cells,
+                                       variant=variant, variants=variants))
     return items
 
 
@@ -378,8 +403,10 @@ def train(
     val_cases = (val_cases or []) if context.is_writer else []
     started = time.perf_counter()
     train_items = _extract(net, context.shard(train_cases), progress, "encoding training volumes", (0.0, 0.2),
-                           keep_maps=False, brain_only=config.background == "mask")
-    train_volumes, empty_ranks = context.all_reduce(torch.tensor([len(train_items), 0 if train_items else 1])).tolist()
+                           keep_maps=False, brain_only=config.background == "mask", variants=config.augment,
+                           seed=config.seed)
+    train_volumes, empty_ranks = context.all_reduce(
+        torch.tensor([len(train_items) // config.augment, 0 if train_items else 1])).tolist()
     if empty_ranks:
         where = f" on {empty_ranks} of {context.world_size} ranks; use fewer processes or" if context.active else ";"
         raise UserError(f"no usable training volume{where} check the training data")
@@ -435,7 +462,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = epoch_learning_rate(config, epoch)
         net.flow.train()
-        groups = _sub_batches(train_items, config.sub_batch, rng, context)
+        groups = _sub_batches(_epoch_placements(train_items, rng), config.sub_batch, rng, context)
         sums: dict[str, float] = {}
         span = 0.7 / max(config.epochs - first_epoch, 1)
         for group in progress.iterate(groups, len(groups), f"epoch {epoch + 1}/{config.epochs}",
@@ -534,7 +561,7 @@ def _position_statistics(net, items: list[VolumeItem], context: Context) -> None
     sums = torch.zeros(3, *net.position.shape[:3], dtype=torch.float64)  # count, sum, sum of squares
     for item in items:
         nll = net.nll_grid(item.features.to(device)).double().cpu()
-        cells = item.cells.double()
+        cells = item.cells.double() / item.variants  # the placements of a volume count as one volume
         sums += torch.stack([cells, cells * nll, cells * nll * nll])
     context.all_reduce(sums)
     count, total, squares = sums
@@ -547,6 +574,16 @@ def _position_statistics(net, items: list[VolumeItem], context: Context) -> None
     pooled_var = var[well_covered].quantile(0.5) if well_covered.any() else var[count > 1].mean().nan_to_num(1.0)
     net.set_position_statistics(((count * mean + k * pooled_mean) / (count + k)).float(),
                                 ((count * var + k * pooled_var) / (count + k)).sqrt().float())
+
+
+def _epoch_placements(items: list[VolumeItem], rng: np.random.Generator) -> list[VolumeItem]:
+    """One placement of each volume for this epoch (all items when volumes have one placement)."""
+    if all(item.variants == 1 for item in items):
+        return items
+    chosen = {}
+    for item in items:
+        chosen.setdefault(item.id, []).append(item)
+    return [group[int(rng.integers(len(group)))] for group in chosen.values()]
 
 
 def _sub_batches(items: list[VolumeItem], size: int, rng: np.random.Generator, context: Context) -> list[list]:
@@ -691,7 +728,7 @@ OPTION_DEFAULTS = {
 # The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
     *(key for key in OPTION_DEFAULTS if key not in ("epochs", "lr")), "triplet_margin", "keep", "slab_stride",
-    "position_stats",
+    "position_stats", "augment",
 )
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
@@ -725,6 +762,8 @@ def resolve_options(args: argparse.Namespace) -> None:
     for error in (neighbourhood_error(args.neighbourhood), smoothing_error(args.smoothing_mm)):
         if error:
             raise UserError(f"--{error}")
+    if args.method == "simpleslicenet" and args.augment < 1:
+        raise UserError(f"--augment {args.augment}: give 1 (no placement jitter) or more placements per volume")
     if args.position_stats and not args.position_norm:
         raise UserError("--position-stats gives volumes for the per-position statistics, which --no-position-norm "
                         "(or --preset paper) turns off; drop one of them")
@@ -775,6 +814,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep", choices=KEEPS, default=TrainConfig.keep,
                    help="the epoch whose weights the model keeps: best validation AUROC (default; the last without "
                         "validation volumes) or last (simpleslicenet; u2ad keeps the best)")
+    p.add_argument("--augment", type=int, default=TrainConfig.augment, metavar="K",
+                   help=f"placements of each training volume's grid: the rule's and K - 1 jittered ones (up to "
+                        f"{JITTER_SHIFT_MM:g} mm, {JITTER_DEGREES:g} degrees, {100 * JITTER_SCALE:g} %% size); each "
+                        "epoch fits one per volume. Encodes K times the volumes (memory, time); default 1")
     p.add_argument("--calibration-fpr", type=float, default=TrainConfig.calibration_fpr,
                    help="voxel false-positive rate on healthy validation volumes that sets the threshold")
     p.add_argument("--seed", type=int, default=0)
@@ -909,7 +952,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                                noise_sigma=args.noise_sigma, noise_space=args.noise_space, loss=args.loss,
                                triplet_margin=args.triplet_margin, background=args.background, seed=args.seed,
                                calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min,
-                               position_norm=args.position_norm, keep=args.keep)
+                               position_norm=args.position_norm, keep=args.keep, augment=args.augment)
     summary = {
         "name": args.name,
         "modality": args.modality,

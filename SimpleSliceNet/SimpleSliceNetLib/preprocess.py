@@ -226,9 +226,14 @@ def foreground_mask(array: np.ndarray, background_fraction: float) -> np.ndarray
 
 
 def preprocess(
-    volume: Volume, config: PreprocessConfig, mask: np.ndarray | None = None, name: str = "input"
+    volume: Volume, config: PreprocessConfig, mask: np.ndarray | None = None, name: str = "input",
+    grid_offset: np.ndarray | None = None,
 ) -> Preprocessed:
-    """Resample ``volume`` onto the model grid, find the brain and normalise intensities."""
+    """Resample ``volume`` onto the model grid, find the brain and normalise intensities.
+
+    ``grid_offset`` (4x4, on model voxel indices) places the grid slightly differently than the
+    placement rule does: training augmentation (``placement_jitter``), never used for detection.
+    """
     data = volume.array
     if mask is not None:
         if mask.shape != data.shape:
@@ -247,7 +252,10 @@ def preprocess(
         raise VolumeError(f"{name}: the brain region has constant intensity; this is not an MRI to analyse")
 
     centre, rotation, scale = _placement(input_mask, volume.affine, config)
-    mapping = GridMapping(volume.affine, data.shape, model_affine(config, centre, rotation, scale), config.shape)
+    placed = model_affine(config, centre, rotation, scale)
+    if grid_offset is not None:
+        placed = placed @ grid_offset
+    mapping = GridMapping(volume.affine, data.shape, placed, config.shape)
     image, brain = mapping.to_model([data, input_mask], order=1)
     brain = brain > 0.5
     input_brain = _covered(input_mask, np.linalg.inv(mapping.model_affine) @ mapping.input_affine, config.shape)
@@ -259,6 +267,32 @@ def preprocess(
     image[~brain] = 0.0
     return Preprocessed(image, brain, input_brain, mapping, coverage,
                         {"brain_ml": round(brain_ml, 1), "intensity_range": [float(lo), float(hi)]})
+
+
+def placement_jitter(config: PreprocessConfig, rng: np.random.Generator, shift_mm: float, degrees: float,
+                     scale: float) -> np.ndarray:
+    """A random ``grid_offset``: the grid turned (<= ``degrees`` about each axis), scaled (+-``scale``) and
+    shifted (<= ``shift_mm`` along each axis) about its centre.
+
+    A registration-free placement puts each subject's anatomy a few mm and degrees off where it put the
+    training subjects'; showing the flow such placements keeps it from fitting the exact ones it saw.
+    """
+    angles = np.deg2rad(rng.uniform(-degrees, degrees, 3))
+    turn = np.eye(3)
+    for axis, angle in enumerate(angles):
+        a, b = [i for i in range(3) if i != axis]
+        r = np.eye(3)
+        r[a, a] = r[b, b] = np.cos(angle)
+        r[a, b], r[b, a] = -np.sin(angle), np.sin(angle)
+        turn = r @ turn
+    spacing = np.asarray(config.spacing)
+    # Turn in millimetres (voxels may be anisotropic): index -> mm -> turned and scaled -> index.
+    linear = np.diag(1.0 / spacing) @ turn @ np.diag(spacing) * rng.uniform(1.0 - scale, 1.0 + scale)
+    centre = (np.asarray(config.shape) - 1) / 2.0
+    offset = np.eye(4)
+    offset[:3, :3] = linear
+    offset[:3, 3] = centre - linear @ centre + rng.uniform(-shift_mm, shift_mm, 3) / spacing
+    return offset
 
 
 def _placement(mask: np.ndarray, affine: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, float]:
