@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from SimpleSliceNetLib import encoder as encoder_module
+from SimpleSliceNetLib.detector import prepare_for_inference
 from SimpleSliceNetLib.encoder import (
     OFFLINE_WEIGHTS,
     EncoderConfig,
@@ -160,6 +161,25 @@ def test_folding_batchnorm_keeps_the_features():
     with torch.inference_mode():
         after = encoder(slices)
     np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_detection_freezes_the_cpu_encoder_with_the_same_features_for_any_batch():
+    config = SliceNetConfig(preprocess=PreprocessConfig(shape=(96, 128, 18)))
+    eager = SliceNetModel(config, encoder_weights="imagenet").eval()
+    eager.encoder.fold_batchnorm()
+    image = np.random.default_rng(0).random((96, 128, 18), dtype=np.float32)
+    reference = eager.features(image)
+    frozen = SliceNetModel(config, encoder_weights="imagenet").eval()
+    prepare_for_inference(frozen, "cpu", None)
+    assert isinstance(frozen.encoder.backbone, torch.jit.ScriptModule)
+    for batch in (8, 5, 18):  # 18 slices in batches of 8 end with 2: the traced graph does not fix the batch
+        frozen.config.batch_slices = batch
+        np.testing.assert_allclose(frozen.features(image).numpy(), reference.numpy(), rtol=1e-4, atol=1e-5)
+    # With reduced precision (native bf16 CPUs, CUDA) neither folding nor freezing is done.
+    kept = SliceNetModel(config, encoder_weights="none").eval()
+    prepare_for_inference(kept, "cpu", torch.bfloat16)
+    assert not isinstance(kept.encoder.backbone, torch.jit.ScriptModule)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in kept.encoder.modules())
 
 
 def test_neighbourhood_features_are_3x3_local_averages(imagenet_backbone):

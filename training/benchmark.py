@@ -23,8 +23,10 @@ from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 
 PAPER = "paper"
-# The same configuration with our reduced-precision encoder (the public code runs in fp32).
-PAPER_AUTOCAST = "paper-autocast"
+# The same configuration run the way detection runs the default model (prepare_for_inference: a
+# reduced-precision encoder where the CPU has native bf16, else BatchNorm folded and the encoder
+# frozen); the public code runs plain eager fp32.
+PAPER_ENGINE = "paper-engine"
 DEFAULT = "default"
 U2AD = "u2ad"
 U2AD_MODEL = "u2ad-t1-synth"  # the bundled U2AD model, timed with its K = 4 masks per slice
@@ -49,7 +51,7 @@ def paper_config():
 def _worker(which: str, volume_path: str, repeats: int, device: str) -> dict:
     """Runs inside the child process: load, warm up, time ``repeats`` detections."""
     started = time.perf_counter()
-    from SimpleSliceNetLib.detector import Detector
+    from SimpleSliceNetLib.detector import Detector, prepare_for_inference
     from SimpleSliceNetLib.devices import autocast_dtype, choose_device
     from SimpleSliceNetLib.lesions import extract_lesions
     from SimpleSliceNetLib.volume_io import load_volume, save_volume
@@ -66,7 +68,9 @@ def _worker(which: str, volume_path: str, repeats: int, device: str) -> dict:
         detector = Detector.__new__(Detector)
         detector.device = choose_device(device)
         detector.net = SliceNetModel(paper_config(), encoder_weights="none").eval().to(detector.device.name)
-        detector.autocast = autocast_dtype(detector.device.name) if which == PAPER_AUTOCAST else None
+        detector.autocast = autocast_dtype(detector.device.name) if which == PAPER_ENGINE else None
+        if which == PAPER_ENGINE:
+            prepare_for_inference(detector.net, detector.device.name, detector.autocast)
         name = "paper (wide_resnet50_2 layer2+3, 192x192x96, 512-d, 8 blocks; random weights)"
     load_s = time.perf_counter() - started
 
@@ -102,7 +106,7 @@ def benchmark(volume_path: str, repeats: int, paper_repeats: int, device: str, p
 
     shape = list(load_volume(volume_path).array.shape)
     results = {}
-    configurations = [(DEFAULT, repeats), (PAPER, paper_repeats), (PAPER_AUTOCAST, paper_repeats)]
+    configurations = [(DEFAULT, repeats), (PAPER, paper_repeats), (PAPER_ENGINE, paper_repeats)]
     if _bundled(U2AD_MODEL):
         configurations.append((U2AD, repeats))
     for which, count in configurations:
@@ -122,8 +126,8 @@ def benchmark(volume_path: str, repeats: int, paper_repeats: int, device: str, p
         "threads": torch.get_num_threads(),
         "results": results,
         "speedup_vs_paper": round(speedup, 2),
-        "speedup_vs_paper_autocast": round(
-            results[PAPER_AUTOCAST]["seconds_per_volume"] / results[DEFAULT]["seconds_per_volume"], 2
+        "speedup_vs_paper_engine": round(
+            results[PAPER_ENGINE]["seconds_per_volume"] / results[DEFAULT]["seconds_per_volume"], 2
         ),
         "targets": {
             "default_seconds_per_volume<=3": results[DEFAULT]["seconds_per_volume"] <= 3.0,
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         print(f"{key:<14}{r['seconds_per_volume']:>10.2f}{r['peak_memory_mb']:>10.0f}{r['model_load_s']:>9.1f}"
               f"  {stages}")
     print(f"speed-up vs paper configuration: {report['speedup_vs_paper']:.1f}x (fp32, as published), "
-          f"{report['speedup_vs_paper_autocast']:.1f}x (with the same reduced-precision encoder)")
+          f"{report['speedup_vs_paper_engine']:.1f}x (run as this engine runs the default model)")
     for target, met in report["targets"].items():
         print(f"  {'met' if met else 'NOT met'}: {target}")
     return 0
