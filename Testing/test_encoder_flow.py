@@ -175,7 +175,7 @@ def test_detection_freezes_the_cpu_encoder_with_the_same_features_for_any_batch(
     for batch in (8, 5, 18):  # 18 slices in batches of 8 end with 2: the traced graph does not fix the batch
         frozen.config.batch_slices = batch
         np.testing.assert_allclose(frozen.features(image).numpy(), reference.numpy(), rtol=1e-4, atol=1e-5)
-    # With reduced precision (native bf16 CPUs, CUDA) neither folding nor freezing is done.
+    # With reduced precision (CUDA) neither folding nor freezing is done.
     kept = SliceNetModel(config, encoder_weights="none").eval()
     prepare_for_inference(kept, "cpu", torch.bfloat16)
     assert not isinstance(kept.encoder.backbone, torch.jit.ScriptModule)

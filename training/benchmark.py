@@ -23,9 +23,9 @@ from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 
 PAPER = "paper"
-# The same configuration run the way detection runs the default model (prepare_for_inference: a
-# reduced-precision encoder where the CPU has native bf16, else BatchNorm folded and the encoder
-# frozen); the public code runs plain eager fp32.
+# The same configuration run the way detection runs the default model (prepare_for_inference: on the
+# CPU, BatchNorm folded and the encoder frozen; on CUDA, a reduced-precision encoder); the public code
+# runs plain eager fp32.
 PAPER_ENGINE = "paper-engine"
 DEFAULT = "default"
 U2AD = "u2ad"

@@ -119,7 +119,8 @@ class Detector:
             maps = analyse(self.net, pre, self.autocast, lap=lap)
             heatmap, slabs = maps.heatmap, maps.slab_scores
             extra_maps = {"uncertainty": maps.uncertainty, "aleatoric": maps.aleatoric}
-        score = float(heatmap[pre.input_brain].max()) if pre.input_brain.any() else 0.0
+        # A reduction with where= reads both arrays in memory order (indexing with the mask does not).
+        score = float(np.max(heatmap, where=pre.input_brain, initial=-np.inf)) if pre.input_brain.any() else 0.0
         return DetectionResult(heatmap, pre.input_brain, score, self.threshold, pre.coverage, timings, extra_maps,
                                slabs)
 
