@@ -22,8 +22,9 @@ def _heatmap() -> np.ndarray:
     return heat
 
 
-def test_regions_are_numbered_by_decreasing_maximum_with_world_centroids():
-    heat = _heatmap()
+@pytest.mark.parametrize("layout", [np.ascontiguousarray, np.asfortranarray])  # NIfTI arrays are Fortran-ordered
+def test_regions_are_numbered_by_decreasing_maximum_with_world_centroids(layout):
+    heat = layout(_heatmap())
     labels, lesions = extract_lesions(heat, AFFINE, threshold=1.0)
     assert labels.dtype == np.uint8 and labels.shape == heat.shape
     assert [les.id for les in lesions] == [1, 2, 3]

@@ -124,6 +124,26 @@ def test_masked_and_multi_channel_resampling_match_the_full_one(grid):
     np.testing.assert_allclose(as_bool, mapping.to_model(flags.astype(np.float32)), atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_model_box_holds_every_model_voxel_the_mask_reaches(grid):
+    # Preprocessing resamples only inside this box: it must hold every voxel where the mask's linear
+    # resampling is non-zero, and the voxels there must equal those of the whole grid to the bit.
+    mapping = mapping_for(grid)
+    field = blob_field(mapping.input_shape, mapping.input_affine)
+    for threshold in (0.3, 0.9):  # a large mask and a few small ones
+        for mask in (field > threshold, np.asfortranarray(field > threshold)):
+            full_image, full_mask = mapping.to_model([field, mask])
+            box = mapping.model_box(mask)
+            outside = np.ones(CONFIG.shape, bool)
+            outside[box] = False
+            assert full_mask.any() and not full_mask[outside].any()
+            assert outside.sum() > 0.2 * outside.size  # it does leave work out
+            image, boxed_mask = mapping.to_model([field, mask], box=box)
+            np.testing.assert_array_equal(image, full_image[box])
+            np.testing.assert_array_equal(boxed_mask, full_mask[box])
+    assert all(b.stop == b.start for b in mapping.model_box(np.zeros(mapping.input_shape, bool)))
+
+
 @pytest.mark.parametrize("slice_axis", ["axial", "coronal", "sagittal"])
 def test_slice_axes_round_trip_and_model_axes(slice_axis):
     config = PreprocessConfig(shape=(64, 56, 48), spacing=(2.5, 2.6, 3.0), slice_axis=slice_axis)

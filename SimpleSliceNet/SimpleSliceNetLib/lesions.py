@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from .arrays import nonzero_in_memory_order
+
 
 @dataclass
 class Lesion:
@@ -44,7 +46,7 @@ def extract_lesions(
     if brain_mask is not None:
         above &= brain_mask.astype(bool)
     out = np.zeros(heatmap.shape, dtype=np.uint8)
-    points = np.nonzero(above)
+    _, points = nonzero_in_memory_order(above)
     if points[0].size == 0:
         return out, []
     # Work inside the bounding box of the supra-threshold voxels and on those voxels only:

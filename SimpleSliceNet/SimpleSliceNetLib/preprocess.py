@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .arrays import memory_order, nonzero_in_memory_order
 from .errors import VolumeError
 from .volume_io import Volume
 
@@ -84,9 +85,39 @@ class GridMapping:
     model_affine: np.ndarray
     model_shape: tuple[int, int, int]
 
-    def to_model(self, array: np.ndarray | Sequence[np.ndarray], order: int = 1) -> np.ndarray | list[np.ndarray]:
-        """``array`` on the input grid (or a sequence of them: one shared sampling grid) on the model grid."""
-        return _resample(array, np.linalg.inv(self.input_affine) @ self.model_affine, self.model_shape, order)
+    def to_model(self, array: np.ndarray | Sequence[np.ndarray], order: int = 1,
+                 box: tuple[slice, slice, slice] | None = None) -> np.ndarray | list[np.ndarray]:
+        """``array`` on the input grid (or a sequence of them: one shared sampling grid) on the model grid.
+
+        With ``box`` (slices of the model grid, e.g. ``model_box``) only that part is computed and returned.
+        """
+        return _resample(array, np.linalg.inv(self.input_affine) @ self.model_affine, self.model_shape, order,
+                         box=box)
+
+    def model_box(self, mask: np.ndarray) -> tuple[slice, slice, slice]:
+        """The box of model voxels where linear resampling of ``mask`` (input grid) can be non-zero.
+
+        Outside it every sample reads only voxels outside the mask; inside the brain is all that
+        preprocessing keeps, and the brain is about half of the model grid.
+        """
+        # Model positions are linear along each row of the input's first axis, so the extremes over a
+        # row's mask voxels are at its first and last one: two passes find them for all rows at once.
+        rows = mask.any(axis=0)
+        if not rows.any():
+            return tuple(slice(0, 0) for _ in range(3))
+        first = mask.argmax(axis=0)[rows]
+        last = mask.shape[0] - 1 - mask[::-1].argmax(axis=0)[rows]
+        j, k = np.nonzero(rows)
+        in_to_model = np.linalg.inv(self.model_affine) @ self.input_affine
+        ends = [in_to_model[:3, :3] @ np.stack([i, j, k]) for i in (first, last)]
+        low = np.minimum(*ends).min(axis=1) + in_to_model[:3, 3]
+        high = np.maximum(*ends).max(axis=1) + in_to_model[:3, 3]
+        # A linear sample is non-zero within one input voxel of a mask voxel along each axis; one more
+        # model voxel covers rounding.
+        margin = np.abs(in_to_model[:3, :3]).sum(axis=1) + 1.0
+        first_voxel = np.clip(np.floor(low - margin), 0, self.model_shape).astype(int)
+        stop = np.clip(np.ceil(high + margin) + 1, 0, self.model_shape).astype(int)
+        return tuple(slice(int(a), int(max(a, b))) for a, b in zip(first_voxel, stop, strict=True))
 
     def to_input(self, array: np.ndarray | Sequence[np.ndarray], order: int = 1,
                  where: np.ndarray | None = None) -> np.ndarray | list[np.ndarray]:
@@ -112,14 +143,15 @@ class GridMapping:
 
 def _resample(
     array: np.ndarray | Sequence[np.ndarray], out_to_in: np.ndarray, shape: tuple[int, int, int], order: int,
-    where: np.ndarray | None = None,
+    where: np.ndarray | None = None, box: tuple[slice, slice, slice] | None = None,
 ) -> np.ndarray | list[np.ndarray]:
     """Resample ``array`` onto a grid of ``shape`` whose voxel o sits at input index ``out_to_in @ o``.
 
     ``array`` is one (X, Y, Z) array or a sequence of them sharing one sampling grid (a list comes
     back). torch's grid_sample does this several times faster than scipy on a few cores; voxel
     centres map exactly (align_corners) and points outside the input read as 0. With ``where``,
-    only the output voxels it marks are sampled (the others are 0).
+    only the output voxels it marks are sampled (the others are 0); with ``box`` only that part of
+    the output grid is (and is returned), each voxel with the same value as on the whole grid.
     """
     import torch
     import torch.nn.functional as F
@@ -129,7 +161,7 @@ def _resample(
     # (x, y, z) = (k, j, i). nibabel's arrays are Fortran-ordered: their transposes are C-ordered (k, j, i),
     # read as they are (coordinates (i, j, k)) instead of copied into C order first; the output grid then
     # runs in (k, j, i) order too (reading memory in order) and comes back Fortran-ordered.
-    fortran = all(a.flags.f_contiguous and not a.flags.c_contiguous for a in arrays)
+    fortran = all(memory_order(a) == "F" for a in arrays)
     planes = [a.T if fortran else a for a in arrays]
     source = torch.empty((1, len(planes), *planes[0].shape), dtype=torch.float32)
     for channel, plane in enumerate(planes):
@@ -143,14 +175,15 @@ def _resample(
     if where is None:
         # The affine grid as a sum of three per-axis terms: a third of F.affine_grid's time.
         theta = torch.as_tensor((to_source @ out_to_in)[:3], dtype=torch.float32)
-        terms = [torch.arange(n, dtype=torch.float32)[:, None] * theta[:, axis] for axis, n in enumerate(shape)]
+        ranges = box or tuple(slice(0, n) for n in shape)
+        terms = [torch.arange(r.start, r.stop, dtype=torch.float32)[:, None] * theta[:, axis]
+                 for axis, r in enumerate(ranges)]
         outer, middle, inner = terms[::-1] if fortran else terms
         grid = ((outer + theta[:, 3])[:, None, None] + middle[None, :, None] + inner[None, None, :])[None]
     else:
-        # Voxels found and written in ``where``'s memory order: 3x faster than np.nonzero across it.
-        layout = "F" if where.flags.f_contiguous and not where.flags.c_contiguous else "C"
-        flat = np.flatnonzero(where.ravel(order=layout))
-        index = np.unravel_index(flat, shape, order=layout)
+        # Voxels found and written in ``where``'s memory order.
+        layout = memory_order(where)
+        flat, index = nonzero_in_memory_order(where)
         to_grid = (to_source @ out_to_in)[:3].astype(np.float32)
         points = torch.from_numpy(to_grid[:, :3] @ np.stack(index).astype(np.float32) + to_grid[:, 3:])
         grid = points.T.contiguous().view(1, 1, 1, -1, 3)
@@ -246,7 +279,8 @@ def preprocess(
         input_mask = np.asarray(mask) > 0
     else:
         input_mask = foreground_mask(data, config.background_fraction)
-    brain_ml = float(input_mask.sum()) * volume.voxel_volume_ml
+    mask_voxels = int(np.count_nonzero(input_mask))
+    brain_ml = mask_voxels * volume.voxel_volume_ml
     if brain_ml < config.min_brain_ml:
         raise VolumeError(
             f"{name}: only {brain_ml:.1f} mL of non-background voxels (need {config.min_brain_ml:g} mL); "
@@ -266,15 +300,20 @@ def preprocess(
     if grid_offset is not None:
         placed = placed @ grid_offset
     mapping = GridMapping(volume.affine, data.shape, placed, config.shape)
-    image, brain = mapping.to_model([data, input_mask], order=1)
-    brain = brain > 0.5
+    box = mapping.model_box(input_mask)
+    image_box, brain_box = mapping.to_model([data, input_mask], order=1, box=box)
+    brain_box = brain_box > 0.5
     input_brain = _covered(input_mask, np.linalg.inv(mapping.model_affine) @ mapping.input_affine, config.shape)
-    coverage = float(input_brain.sum() / max(int(input_mask.sum()), 1))
+    coverage = np.count_nonzero(input_brain) / max(mask_voxels, 1)
 
-    lo, hi = np.percentile(image[brain], config.clip_percentiles)
+    lo, hi = np.percentile(image_box[brain_box], config.clip_percentiles)
     scale = max(float(hi - lo), 1e-6)
-    image = np.clip((image - lo) / scale, 0.0, 1.0).astype(np.float32)
-    image[~brain] = 0.0
+    image_box = np.clip((image_box - lo) / scale, 0.0, 1.0).astype(np.float32)
+    image_box[~brain_box] = 0.0
+    # Laid out (slices, rows, columns) in memory: the encoder reads the image slice by slice.
+    layout = (config.shape[2], config.shape[0], config.shape[1])
+    image, brain = np.zeros(layout, np.float32).transpose(1, 2, 0), np.zeros(layout, bool).transpose(1, 2, 0)
+    image[box], brain[box] = image_box, brain_box
     return Preprocessed(image, brain, input_brain, mapping, coverage,
                         {"brain_ml": round(brain_ml, 1), "intensity_range": [float(lo), float(hi)]})
 
