@@ -208,13 +208,14 @@ def test_damaged_model_is_refused_with_one_line(detect_run, tiny_model, tmp_path
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_text_file_named_nii_gz_does_not_stop_the_other_inputs(detect_run, tiny_model, tmp_path):
+@pytest.mark.parametrize("mode", ["none", "bar"])  # with a bar, each message must still start its own line
+def test_text_file_named_nii_gz_does_not_stop_the_other_inputs(detect_run, tiny_model, tmp_path, mode):
     text = tmp_path / "notes.nii.gz"
     text.write_text("not an image\n")
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(gzip.compress(b"garbage" * 50))
     out = tmp_path / "out"
-    result = run_cli("--progress", "none", "detect", str(text), str(garbage), str(detect_run.good["oblique"]),
+    result = run_cli("--progress", mode, "detect", str(text), str(garbage), str(detect_run.good["oblique"]),
                      "--output-dir", str(out), "--model", str(tiny_model.json), "--device", "cpu", "--no-overlay")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -222,6 +223,7 @@ def test_text_file_named_nii_gz_does_not_stop_the_other_inputs(detect_run, tiny_
     assert len(lines) == 2 and str(text) in lines[0] and str(garbage) in lines[1]
     assert sorted(p.name for p in out.iterdir()) == sorted(f"oblique_{s}" for s in OUTPUTS if s != "overlay.png")
     assert f"outputs in {out.resolve()}" in result.stderr
+    assert any(line.startswith(f"{detect_run.good['oblique']}: score ") for line in result.stderr.splitlines())
     # Nothing good among the inputs: no claim that outputs are anywhere.
     alone = run_cli("--progress", "none", "detect", str(text), "--output-dir", str(tmp_path / "none"), "--model",
                     str(tiny_model.json), "--device", "cpu")

@@ -121,7 +121,7 @@ def evaluate(
             failed.append({"case": str(case.id), "image": str(case.image), "message": message})
             progress.emit("error", input=str(case.image), message=message)
             if progress.mode != "json":
-                print(f"error: skipped case {case.id}: {message}", file=sys.stderr, flush=True)
+                progress.line(f"error: skipped case {case.id}: {message}")
             continue
         for name, result in results.items():
             if np.shape(result.heatmap) != volume.array.shape or np.shape(result.brain_mask) != volume.array.shape:

@@ -268,7 +268,7 @@ def prepare(cases: list[Case], config: PrepareConfig, output_dir: Path, progress
         except (UserError, VolumeError) as exc:
             failed += 1
             progress.emit("error", input=str(case.image), message=str(exc))
-            print(f"error: skipped case {case.id}: {exc}", file=sys.stderr)
+            progress.line(f"error: skipped case {case.id}: {exc}")
     if not entries:
         raise UserError(f"{output_dir}: no case could be prepared; see the errors above")
     manifest = output_dir / MANIFEST_NAME

@@ -102,14 +102,14 @@ def run_detect(args: argparse.Namespace, progress: Progress) -> int:
         except UserError as exc:
             failed += 1
             progress.emit("error", input=str(input_path), message=str(exc))
-            print(f"error: {exc}", file=sys.stderr)
+            progress.line(f"error: {exc}")
             continue
         ok += 1
         progress.emit("output", input=str(input_path), files=files, volume_score=result.volume_score,
                       lesions=len(lesions))
         if progress.mode != "json":
-            print(f"{input_path}: score {result.volume_score:.3f} (threshold {threshold:.3f}), "
-                  f"{len(lesions)} finding(s) -> {files['report']}", file=sys.stderr)
+            progress.line(f"{input_path}: score {result.volume_score:.3f} (threshold {threshold:.3f}), "
+                          f"{len(lesions)} finding(s) -> {files['report']}")
     progress.emit("done", ok=ok, failed=failed, elapsed_s=round(progress.elapsed, 2))
     if progress.mode != "json" and ok:
         print(f"outputs in {out_dir.resolve()}", file=sys.stderr)

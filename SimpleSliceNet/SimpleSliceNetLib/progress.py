@@ -49,6 +49,15 @@ class Progress:
         if self.mode == "json":
             self.emit("message", message=message)
         elif self.mode == "bar":
+            self.line(message)
+
+    def line(self, message: str) -> None:
+        """``message`` on its own line of stderr, whatever the mode; above the bar while one is drawn."""
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)  # a plain print would land on the bar's line
+        else:
             print(message, file=sys.stderr, flush=True)
 
     def iterate(self, items: Iterable[T], total: int, desc: str, start: float = 0.0, span: float = 1.0) -> Iterator[T]:
