@@ -18,6 +18,7 @@ from SimpleSliceNetLib.preprocess import (
     PreprocessConfig,
     _brain_axes,
     _covered,
+    _grid_sample_threaded,
     model_affine,
     preprocess,
 )
@@ -122,6 +123,29 @@ def test_masked_and_multi_channel_resampling_match_the_full_one(grid):
     as_int, as_bool = mapping.to_model([counts, flags])
     np.testing.assert_allclose(as_int, mapping.to_model(counts.astype(np.float32)), atol=1e-3)
     np.testing.assert_allclose(as_bool, mapping.to_model(flags.astype(np.float32)), atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_sampling_split_over_threads_equals_one_batch_to_the_bit(threads, mode):
+    # The output grid's first axis is cut into one part per thread (7 and 1 do not divide evenly:
+    # padding must be dropped); every value must equal plain grid_sample's.
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(threads)
+    source = torch.rand((1, 2, 9, 8, 7), generator=generator)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for shape in ((7, 5, 6), (1, 4, 3), (11, 1, 1)):
+            grid = torch.rand((1, *shape, 3), generator=generator) * 2.4 - 1.2  # some points outside
+            expected = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+            split = _grid_sample_threaded(source, grid, mode)
+            assert split.shape == expected.shape
+            assert torch.equal(split, expected)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("grid", sorted(GRIDS))

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .arrays import memory_order, nonzero_in_memory_order
 from .errors import VolumeError
 from .volume_io import Volume
+
+if TYPE_CHECKING:
+    import torch
 
 # Model axes for each slice axis, as RAS unit directions: in-plane rows, in-plane columns, slices.
 SLICE_AXES = {
@@ -154,7 +158,6 @@ def _resample(
     the output grid is (and is returned), each voxel with the same value as on the whole grid.
     """
     import torch
-    import torch.nn.functional as F
 
     arrays = [array] if isinstance(array, np.ndarray) else list(array)
     # grid_sample reads (D, H, W) = (i, j, k) of a C-ordered (X, Y, Z) array, and its coordinates are
@@ -186,16 +189,41 @@ def _resample(
         flat, index = nonzero_in_memory_order(where)
         to_grid = (to_source @ out_to_in)[:3].astype(np.float32)
         points = torch.from_numpy(to_grid[:, :3] @ np.stack(index).astype(np.float32) + to_grid[:, 3:])
-        grid = points.T.contiguous().view(1, 1, 1, -1, 3)
+        grid = points.T.contiguous().view(1, -1, 1, 1, 3)
     with torch.inference_mode():
-        sampled = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=True)[0].numpy()
+        sampled = _grid_sample_threaded(source, grid, mode).numpy()
     if where is None and fortran:
         sampled = sampled.transpose(0, 3, 2, 1)
     if where is not None:
         out = np.zeros((len(arrays), where.size), dtype=np.float32)
-        out[:, flat] = sampled[:, 0, 0]
+        out[:, flat] = sampled[:, :, 0, 0]
         sampled = [channel.reshape(shape, order=layout) for channel in out]
     return sampled[0] if isinstance(array, np.ndarray) else list(sampled)
+
+
+def _grid_sample_threaded(source: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """``F.grid_sample(source, grid)[0]`` for one source (batch 1), on all of torch's CPU threads.
+
+    torch parallelises 3D grid sampling over the batch only, so one volume runs on one core. The
+    grid's first axis is cut into one equal part per thread (the last padded with points outside
+    the source), each part a batch item reading the same source (expanded, not copied); every
+    point is sampled as before, so the result is the same to the bit.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    parts = min(torch.get_num_threads(), grid.shape[1])
+    length = grid.shape[1]
+    step = -(-length // parts)
+    if parts > 1:
+        if parts * step > length:
+            padding = grid.new_full((1, parts * step - length, *grid.shape[2:]), 2.0)
+            grid = torch.cat([grid, padding], dim=1)
+        grid = grid.view(parts, step, *grid.shape[2:])
+    sampled = F.grid_sample(source.expand(grid.shape[0], *source.shape[1:]), grid, mode=mode,
+                            padding_mode="zeros", align_corners=True)
+    # (parts, C, step, H, W) -> (C, parts * step, H, W), then the padding dropped.
+    return sampled.transpose(0, 1).reshape(sampled.shape[1], -1, *sampled.shape[3:])[:, :length]
 
 
 def _covered(mask: np.ndarray, in_to_model: np.ndarray, model_shape: tuple[int, int, int]) -> np.ndarray:
