@@ -276,14 +276,12 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch, name):
         Path(filename).write_bytes(b"partial")
         raise OSError("no space left on device")
 
-    real_write = Path.write_bytes
-
-    def broken_write(self, data):
-        real_write(self, data[:100])
+    def broken_stream(self, stream):
+        stream.write(b"partial" * 100)
         raise OSError("no space left on device")
 
     monkeypatch.setattr(nib, "save", broken_save)  # the .nii writer
-    monkeypatch.setattr(Path, "write_bytes", broken_write)  # the .nii.gz writer
+    monkeypatch.setattr(nib.Nifti1Image, "to_stream", broken_stream)  # the .nii.gz writer
     with pytest.raises(OSError):
         save_volume(tmp_path / name, _array(), np.eye(4))
     assert list(tmp_path.iterdir()) == []
