@@ -23,7 +23,14 @@ from SimpleSliceNetLib.encoder import (
     sha256_file,
 )
 from SimpleSliceNetLib.errors import UserError
-from SimpleSliceNetLib.flow import FlowConfig, build_flow, log_likelihood, positional_encoding
+from SimpleSliceNetLib.flow import (
+    FlowConfig,
+    GridFlow,
+    build_flow,
+    log_likelihood,
+    positional_codes,
+    positional_encoding,
+)
 from SimpleSliceNetLib.preprocess import PreprocessConfig
 from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel, gaussian_smooth
 
@@ -310,6 +317,77 @@ def test_condition_changes_the_density():
         right = log_likelihood(flow, x, torch.tensor([[1.0, -1.0]]).expand(500, -1)).mean()
         wrong = log_likelihood(flow, x, torch.tensor([[-1.0, 1.0]]).expand(500, -1)).mean()
     assert float(right) > float(wrong) + 1.0
+
+
+def _perturbed_flow(dim: int, config: FlowConfig, seed: int) -> torch.nn.Module:
+    """A flow whose every parameter (global scales and offsets too) is away from its initial value."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    flow = build_flow(dim, config).eval()
+    with torch.no_grad():
+        for name, parameter in flow.named_parameters():
+            if "w_perm" not in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return flow
+
+
+@pytest.mark.parametrize("depth", [True, False])
+def test_grid_flow_gives_the_flows_likelihood_at_every_grid_position(depth):
+    """GridFlow's rearranged arithmetic (per-axis condition terms, folded scales, split permutation)
+    computes -log_likelihood of the FrEIA flow, for chunks that do and do not split the grid evenly."""
+    h, w, d, dim = 5, 7, 6, 12
+    config = FlowConfig(blocks=3, pos_dim=10, pos_depth=depth)
+    flow = _perturbed_flow(dim, config, seed=3)
+    features = 1.5 * torch.randn(h, w, d, dim)
+    position = positional_encoding(h, w, d, config.pos_dim, depth)
+    with torch.no_grad():
+        expected = -log_likelihood(flow, features.reshape(-1, dim), position.reshape(-1, config.pos_dim))
+    assert GridFlow.supports(flow)
+    grid = GridFlow(flow, positional_codes(h, w, d, config.pos_dim, depth), (h, w, d))
+    for chunk in (1, 4096, 6 * 4, 50):  # one column, all, 4 columns, 8 columns with a remainder
+        nll = grid(features, chunk=chunk)
+        assert nll.shape == (h, w, d)
+        torch.testing.assert_close(nll.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+    assert float(expected.std()) > 0.1  # positions and vectors really differ
+
+
+def test_grid_flow_refuses_flows_it_does_not_rearrange():
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    def deeper(dims_in, dims_out):
+        return torch.nn.Sequential(torch.nn.Linear(dims_in, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, dims_out))
+
+    other = Ff.SequenceINN(6)
+    other.append(Fm.AllInOneBlock, cond=0, cond_shape=(4,), subnet_constructor=deeper)
+    assert not GridFlow.supports(other)
+    householder = Ff.SequenceINN(6)
+    householder.append(Fm.AllInOneBlock, cond=0, cond_shape=(4,), learned_householder_permutation=2,
+                       subnet_constructor=lambda i, o: torch.nn.Sequential(torch.nn.Linear(i, 8), torch.nn.ReLU(),
+                                                                           torch.nn.Linear(8, o)))
+    assert not GridFlow.supports(householder)
+    flow = build_flow(6, FlowConfig(blocks=1, pos_dim=4))
+    with pytest.raises(ValueError, match="condition values"):
+        GridFlow(flow, positional_codes(2, 2, 2, 6, True), (2, 2, 2))  # a code of another size
+
+
+def test_detection_evaluates_the_flow_through_the_grid_flow():
+    config = _small_config()
+    config.flow = FlowConfig(blocks=2)
+    torch.manual_seed(0)
+    eager = SliceNetModel(config, encoder_weights="none").eval()
+    state = {k: v + 0.05 * torch.randn_like(v) if k.startswith("flow.") and "w_perm" not in k else v
+             for k, v in eager.state_dict().items()}
+    eager.load_state_dict(state)
+    fast = SliceNetModel(config, encoder_weights="none").eval()
+    fast.load_state_dict(state)
+    prepare_for_inference(fast, "cpu", None)
+    assert fast.grid_flow is not None and eager.grid_flow is None
+    features = torch.randn(*eager.position.shape[:3], eager.dim)
+    reference = eager.nll_grid(features)
+    torch.testing.assert_close(fast.nll_grid(features), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.nll_grid(features, chunk=100), reference, rtol=1e-5, atol=1e-5)
 
 
 # --- the SimpleSliceNet model --------------------------------------------------------------------

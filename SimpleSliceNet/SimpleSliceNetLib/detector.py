@@ -55,10 +55,12 @@ def build_model(model: ModelFile) -> torch.nn.Module:
 def prepare_for_inference(net: SliceNetModel, device: str, autocast: torch.dtype | None) -> None:
     """Make a loaded SimpleSliceNet faster for detection with the same outputs (it can no longer train).
 
-    In fp32 only: BatchNorm folded into the convolutions (folded into bf16/fp16 weights and biases, the
-    BatchNorm shift loses enough precision to move the heatmap more than reduced precision itself does)
-    and, on the CPU, the encoder's backbone frozen (TorchScript) for the model grid's slice size.
+    The flow is evaluated through a ``GridFlow`` (the same likelihoods to float rounding). In fp32 only:
+    BatchNorm folded into the convolutions (folded into bf16/fp16 weights and biases, the BatchNorm
+    shift loses enough precision to move the heatmap more than reduced precision itself does) and, on
+    the CPU, the encoder's backbone frozen (TorchScript) for the model grid's slice size.
     """
+    net.specialise_flow()
     if autocast is not None:
         return
     net.encoder.fold_batchnorm()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import EncoderConfig, SliceEncoder, build_backbone
-from .flow import FlowConfig, build_flow, log_likelihood, positional_encoding
+from .flow import FlowConfig, GridFlow, build_flow, log_likelihood, positional_codes, positional_encoding
 from .preprocess import GridMapping, PreprocessConfig
 from .scoring import ScoringConfig
 
@@ -98,6 +98,7 @@ class SliceNetModel(nn.Module):
         h, w = (s // self.encoder.reduction for s in shape[:2])
         code = positional_encoding(h, w, config.slabs(shape[2]), config.flow.pos_dim, config.flow.pos_depth)
         self.register_buffer("position", code, persistent=False)
+        self.grid_flow: GridFlow | None = None  # set by specialise_flow for detection
         if config.position_norm:
             self._position_buffers()
 
@@ -155,11 +156,23 @@ class SliceNetModel(nn.Module):
     def log_likelihood(self, vectors: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return log_likelihood(self.flow, vectors, position)
 
+    def specialise_flow(self) -> bool:
+        """Evaluate the flow through a ``GridFlow`` from now on (detection only: the flow must not train
+        any more). Returns False and keeps the FrEIA flow where its blocks are not the ones it supports."""
+        if not GridFlow.supports(self.flow):
+            return False
+        h, w, d = self.position.shape[:3]
+        cfg = self.config.flow
+        self.grid_flow = GridFlow(self.flow, positional_codes(h, w, d, cfg.pos_dim, cfg.pos_depth), (h, w, d))
+        return True
+
     def nll_grid(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Negative log-likelihood per dimension for every slab vector: (h, w, slabs).
 
         Chunks of 4096 vectors keep the flow's activations in cache: 0.18 s against 0.21 s per volume
         in one chunk on a 2-core CPU, with the same values."""
+        if self.grid_flow is not None:
+            return self.grid_flow(features, chunk)
         flat = features.reshape(-1, features.shape[-1])
         pos = self.position.reshape(-1, self.position.shape[-1])
         with torch.inference_mode():
