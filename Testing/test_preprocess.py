@@ -19,6 +19,7 @@ from SimpleSliceNetLib.preprocess import (
     _brain_axes,
     _covered,
     _grid_sample_threaded,
+    _thread_grid,
     model_affine,
     preprocess,
 )
@@ -141,7 +142,9 @@ def test_sampling_split_over_threads_equals_one_batch_to_the_bit(threads, mode):
         for shape in ((7, 5, 6), (1, 4, 3), (11, 1, 1)):
             grid = torch.rand((1, *shape, 3), generator=generator) * 2.4 - 1.2  # some points outside
             expected = F.grid_sample(source, grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
-            split = _grid_sample_threaded(source, grid, mode)
+            padded = _thread_grid(shape[0], shape[1:])
+            padded[0, : shape[0]] = grid[0]
+            split = _grid_sample_threaded(source, padded, shape[0], mode)
             assert split.shape == expected.shape
             assert torch.equal(split, expected)
     finally:

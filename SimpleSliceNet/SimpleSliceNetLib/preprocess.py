@@ -182,16 +182,21 @@ def _resample(
         terms = [torch.arange(r.start, r.stop, dtype=torch.float32)[:, None] * theta[:, axis]
                  for axis, r in enumerate(ranges)]
         outer, middle, inner = terms[::-1] if fortran else terms
-        grid = ((outer + theta[:, 3])[:, None, None] + middle[None, :, None] + inner[None, None, :])[None]
+        length = len(outer)
+        grid = _thread_grid(length, (len(middle), len(inner)))
+        torch.add((outer + theta[:, 3])[:, None, None] + middle[None, :, None], inner[None, None, :],
+                  out=grid[0, :length])
     else:
         # Voxels found and written in ``where``'s memory order.
         layout = memory_order(where)
         flat, index = nonzero_in_memory_order(where)
         to_grid = (to_source @ out_to_in)[:3].astype(np.float32)
         points = torch.from_numpy(to_grid[:, :3] @ np.stack(index).astype(np.float32) + to_grid[:, 3:])
-        grid = points.T.contiguous().view(1, -1, 1, 1, 3)
+        length = points.shape[1]
+        grid = _thread_grid(length, (1, 1))
+        grid[0, :length, 0, 0].copy_(points.T)
     with torch.inference_mode():
-        sampled = _grid_sample_threaded(source, grid, mode).numpy()
+        sampled = _grid_sample_threaded(source, grid, length, mode).numpy()
     if where is None and fortran:
         sampled = sampled.transpose(0, 3, 2, 1)
     if where is not None:
@@ -201,26 +206,39 @@ def _resample(
     return sampled[0] if isinstance(array, np.ndarray) else list(sampled)
 
 
-def _grid_sample_threaded(source: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
-    """``F.grid_sample(source, grid)[0]`` for one source (batch 1), on all of torch's CPU threads.
+def _thread_parts(length: int) -> tuple[int, int]:
+    """How ``_grid_sample_threaded`` cuts a grid's first axis of ``length``: (parts, rows per part)."""
+    import torch
+
+    parts = max(1, min(torch.get_num_threads(), length))
+    return parts, -(-length // parts)
+
+
+def _thread_grid(length: int, rest: tuple[int, int]) -> torch.Tensor:
+    """An uninitialised sampling grid (1, rows, *rest, 3) for ``_grid_sample_threaded``: its first ``length``
+    rows are the caller's to fill, the padding rows after them (up to equal parts) hold points outside
+    every source. Filled in place, the grid is never copied to pad it."""
+    import torch
+
+    parts, step = _thread_parts(length)
+    grid = torch.empty((1, parts * step, *rest, 3), dtype=torch.float32)
+    grid[0, length:] = 2.0
+    return grid
+
+
+def _grid_sample_threaded(source: torch.Tensor, grid: torch.Tensor, length: int, mode: str) -> torch.Tensor:
+    """``F.grid_sample(source, grid[:, :length])[0]`` for one source (batch 1), on all of torch's CPU threads.
 
     torch parallelises 3D grid sampling over the batch only, so one volume runs on one core. The
-    grid's first axis is cut into one equal part per thread (the last padded with points outside
-    the source), each part a batch item reading the same source (expanded, not copied); every
-    point is sampled as before, so the result is the same to the bit.
+    grid (from ``_thread_grid``) is cut along its first axis into one equal part per thread, each part
+    a batch item reading the same source (expanded, not copied); every point is sampled as before,
+    so the result is the same to the bit.
     """
-    import torch
     import torch.nn.functional as F
 
-    parts = min(torch.get_num_threads(), grid.shape[1])
-    length = grid.shape[1]
-    step = -(-length // parts)
-    if parts > 1:
-        if parts * step > length:
-            padding = grid.new_full((1, parts * step - length, *grid.shape[2:]), 2.0)
-            grid = torch.cat([grid, padding], dim=1)
-        grid = grid.view(parts, step, *grid.shape[2:])
-    sampled = F.grid_sample(source.expand(grid.shape[0], *source.shape[1:]), grid, mode=mode,
+    parts, step = _thread_parts(length)
+    grid = grid.view(parts, step, *grid.shape[2:])
+    sampled = F.grid_sample(source.expand(parts, *source.shape[1:]), grid, mode=mode,
                             padding_mode="zeros", align_corners=True)
     # (parts, C, step, H, W) -> (C, parts * step, H, W), then the padding dropped.
     return sampled.transpose(0, 1).reshape(sampled.shape[1], -1, *sampled.shape[3:])[:, :length]
