@@ -191,7 +191,12 @@ def _resample(
         layout = memory_order(where)
         flat, index = nonzero_in_memory_order(where)
         to_grid = (to_source @ out_to_in)[:3].astype(np.float32)
-        points = torch.from_numpy(to_grid[:, :3] @ np.stack(index).astype(np.float32) + to_grid[:, 3:])
+        coords = np.empty((3, len(flat)), dtype=np.float32)
+        for axis, axis_index in enumerate(index):
+            coords[axis] = axis_index  # cast on assignment: no stacked int64 copy
+        points = np.matmul(to_grid[:, :3], coords)
+        points += to_grid[:, 3:]
+        points = torch.from_numpy(points)
         length = points.shape[1]
         grid = _thread_grid(length, (1, 1))
         grid[0, :length, 0, 0].copy_(points.T)
