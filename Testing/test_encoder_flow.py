@@ -19,6 +19,7 @@ from SimpleSliceNetLib.encoder import (
     SliceEncoder,
     _channel_pool_matrix,
     build_backbone,
+    drop_untapped_stages,
     offline_weights_path,
     sha256_file,
 )
@@ -131,6 +132,28 @@ def test_remap_refuses_other_architectures(imagenet_backbone):
     other = timm.create_model("resnet18", pretrained=False)
     with pytest.raises(UserError, match="wrong weights file"):
         encoder_module._remap_in_order(imagenet_backbone.state_dict(), other, "weights.pth")
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "mobilenetv3_large_100", "resnet18"])
+def test_backbones_stop_at_their_last_tap_with_the_same_maps(name):
+    import timm
+
+    torch.manual_seed(0)
+    full = timm.create_model(name, features_only=True, out_indices=(1, 2)).eval()
+    pruned = timm.create_model(name, features_only=True, out_indices=(1, 2)).eval()
+    pruned.load_state_dict(full.state_dict())
+    pruned = drop_untapped_stages(pruned)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        for a, b in zip(full(x), pruned(x), strict=True):
+            assert torch.equal(a, b)
+    if hasattr(full, "blocks"):  # EfficientNet / MobileNetV3: tap 2 is the end of block stage 2
+        assert len(full.blocks) == 7 and len(pruned.blocks) == 3
+        assert len(pruned.state_dict()) < len(full.state_dict())
+    else:  # timm's FeatureListNet stops at the last tap itself
+        assert len(pruned.state_dict()) == len(full.state_dict())
+    assert len(build_backbone(EncoderConfig(backbone=name, taps=(1, 2)), "none").state_dict()) == \
+        len(pruned.state_dict())
 
 
 def test_channel_pool_matrix_averages_contiguous_groups():

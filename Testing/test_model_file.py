@@ -245,6 +245,34 @@ def test_configuration_that_does_not_match_the_weights(tiny_model, tmp_path):
         build_model(read_model_file(path))
 
 
+def test_model_written_with_untapped_backbone_stages_loads_the_same_network(tiny_model, tmp_path):
+    """Files written before the encoder dropped the stages after its last tap (the bundled default model
+    until 2026-12-07) hold their weights: they are skipped, and only they; anything else unexpected is
+    still refused."""
+    import timm
+    from safetensors.torch import load_file
+
+    from SimpleSliceNetLib.detector import build_model
+
+    reference = build_model(read_model_file(tiny_model.json))
+    state = load_file(str(tiny_model.json.with_suffix(".safetensors")))
+    meta = json.loads(tiny_model.json.read_text())
+    full = timm.create_model(meta["config"]["encoder"]["backbone"], features_only=True,
+                             out_indices=meta["config"]["encoder"]["taps"])
+    kept = len(reference.encoder.backbone.blocks)
+    untapped = {f"encoder.backbone.{key}": value for key, value in full.state_dict().items()
+                if key.startswith("blocks.") and int(key.split(".")[1]) >= kept}
+    assert untapped and len(full.blocks) > kept
+    old_layout = _write(tmp_path / "old" / "tiny.json", state_dict={**state, **untapped}, config=meta["config"])
+    loaded = build_model(read_model_file(old_layout))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    stray = _write(tmp_path / "stray" / "tiny.json", config=meta["config"],
+                   state_dict={**state, "encoder.backbone.conv_extra.weight": torch.zeros(3)})
+    with pytest.raises(ModelFileError, match="do not match"):
+        build_model(read_model_file(stray))
+
+
 def test_configuration_of_another_method_is_refused(tiny_model, tmp_path):
     from SimpleSliceNetLib.detector import build_model
 

@@ -358,7 +358,7 @@ def _load_checkpoint(output: Path, net, optimizer, meta: dict) -> tuple[int, His
     if saved_config != meta["model_config"]:
         raise UserError(f"{info}: checkpoint was made with another model configuration; resume with the same options")
     tensors = load_file(str(weights))
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    net.load_state_dict(net.without_untapped_stages({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
     opt_state = optimizer.state_dict()
     for key, value in tensors.items():
         if key.startswith("optim."):

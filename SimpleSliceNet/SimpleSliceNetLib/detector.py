@@ -43,6 +43,8 @@ def build_model(model: ModelFile) -> torch.nn.Module:
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{model.path}: invalid configuration ({exc})") from exc
     state = model.load_weights()
+    if isinstance(net, SliceNetModel):
+        state = net.without_untapped_stages(state)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelFileError(

@@ -165,9 +165,9 @@ def build_backbone(config: EncoderConfig, weights: str = "imagenet") -> nn.Modul
 
     try:
         if weights == "none":
-            return features()
+            return drop_untapped_stages(features())
         if weights == "timm":
-            return features(pretrained=True)
+            return drop_untapped_stages(features(pretrained=True))
     except RuntimeError as exc:
         raise UserError(f"backbone {config.backbone!r}: {str(exc).splitlines()[0]}") from exc
     except Exception as exc:  # timm raises several types for unknown names and failed downloads
@@ -195,13 +195,30 @@ def build_backbone(config: EncoderConfig, weights: str = "imagenet") -> nn.Modul
             raise UserError(f"{path}: encoder weights file not found")
         check_encoder_sidecar(path, config.backbone)
         state = _load_state_dict_file(path)
-    model = features()
+    model = drop_untapped_stages(features())
     missing, _unused = model.load_state_dict(state, strict=False)
     if missing:
         raise UserError(
             f"{weights}: weights do not cover the backbone ({len(missing)} tensors missing, e.g. {missing[0]})"
         )
     return model
+
+
+def drop_untapped_stages(backbone: nn.Module) -> nn.Module:
+    """``backbone`` without the block stages after its last tap, for timm's EfficientNet and MobileNetV3
+    ``features_only`` models, which build and run every stage (its ResNet-style ``FeatureListNet``
+    stops at the last tap already). For the default model with taps 2, 3 the last two stages are 9.1 of
+    the model file's 14.7 MB and a quarter of the eager encoder's time; the tapped maps are the same.
+    """
+    from timm.models.efficientnet import EfficientNetFeatures
+    from timm.models.mobilenetv3 import MobileNetV3Features
+
+    if not isinstance(backbone, (EfficientNetFeatures, MobileNetV3Features)) or backbone.feature_hooks is not None:
+        return backbone
+    tapped = [int(name.split(".")[1]) for name in backbone.feature_info.module_name() if name.startswith("blocks.")]
+    if tapped:
+        backbone.blocks = backbone.blocks[: max(tapped) + 1]
+    return backbone
 
 
 def _channel_pool_matrix(channels: int, out: int) -> torch.Tensor:

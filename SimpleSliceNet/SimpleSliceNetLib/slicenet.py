@@ -116,6 +116,20 @@ class SliceNetModel(nn.Module):
         self.nll_mean.copy_(mean)
         self.nll_std.copy_(std.clamp_min(1e-6))
 
+    def without_untapped_stages(self, state: dict) -> dict:
+        """``state`` without the weights of backbone stages after the last tap, which the encoder no longer
+        builds (``drop_untapped_stages``) but files written before 2026-12-07 still hold."""
+        prefix = "encoder.backbone.blocks."
+        blocks = getattr(self.encoder.backbone, "blocks", None)
+        if blocks is None:
+            return state
+
+        def untapped(key: str) -> bool:
+            index = key[len(prefix):].split(".", 1)[0]
+            return key.startswith(prefix) and index.isdigit() and int(index) >= len(blocks)
+
+        return {key: value for key, value in state.items() if not untapped(key)}
+
     @property
     def dim(self) -> int:
         return self.encoder.out_dim
