@@ -60,6 +60,21 @@ def test_round_trip_keeps_array_and_ras_affine(tmp_path, suffix, orientation):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"case{suffix}"]  # no temporary files left
 
 
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_nifti_written_by_other_tools(tmp_path, image_class, suffix, byteorder):
+    """NIfTI-1 and NIfTI-2 files of either byte order, as nibabel writes them, read with their array and
+    affine (the .nii.gz reader tells the two formats apart by the header size itself)."""
+    array, affine = _array(), AFFINES["oblique_aniso"]
+    path = tmp_path / f"case{suffix}"
+    nib.save(image_class(array, affine, header=image_class.header_class(endianness=byteorder)), str(path))
+    assert nib.load(str(path)).header.endianness == byteorder
+    loaded = load_volume(path)
+    np.testing.assert_array_equal(loaded.array, array)
+    np.testing.assert_allclose(loaded.affine, affine, atol=1e-5)
+
+
 def test_nrrd_is_stored_in_lps_and_nifti_in_ras(tmp_path):
     affine = AFFINES["oblique_aniso"]
     save_volume(tmp_path / "a.nrrd", _array(), affine)

@@ -221,6 +221,21 @@ def drop_untapped_stages(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def without_untapped_weights(backbone: nn.Module, state: dict, prefix: str = "") -> dict:
+    """``state`` (the backbone's tensors under ``prefix``) without the weights of the block stages that
+    ``drop_untapped_stages`` took off ``backbone``: files written before 2026-12-07 still hold them."""
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        return state
+    head = f"{prefix}blocks."
+
+    def untapped(key: str) -> bool:
+        index = key[len(head):].split(".", 1)[0]
+        return key.startswith(head) and index.isdigit() and int(index) >= len(blocks)
+
+    return {key: value for key, value in state.items() if not untapped(key)}
+
+
 def _channel_pool_matrix(channels: int, out: int) -> torch.Tensor:
     """The linear map of adaptive average pooling over channels (``channels`` -> ``out``)."""
     matrix = np.zeros((out, channels), dtype=np.float32)

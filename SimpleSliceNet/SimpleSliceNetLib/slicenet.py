@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import EncoderConfig, SliceEncoder, build_backbone
+from .encoder import EncoderConfig, SliceEncoder, build_backbone, without_untapped_weights
 from .flow import FlowConfig, GridFlow, build_flow, log_likelihood, positional_codes, positional_encoding
 from .preprocess import GridMapping, PreprocessConfig
 from .scoring import ScoringConfig
@@ -117,18 +117,8 @@ class SliceNetModel(nn.Module):
         self.nll_std.copy_(std.clamp_min(1e-6))
 
     def without_untapped_stages(self, state: dict) -> dict:
-        """``state`` without the weights of backbone stages after the last tap, which the encoder no longer
-        builds (``drop_untapped_stages``) but files written before 2026-12-07 still hold."""
-        prefix = "encoder.backbone.blocks."
-        blocks = getattr(self.encoder.backbone, "blocks", None)
-        if blocks is None:
-            return state
-
-        def untapped(key: str) -> bool:
-            index = key[len(prefix):].split(".", 1)[0]
-            return key.startswith(prefix) and index.isdigit() and int(index) >= len(blocks)
-
-        return {key: value for key, value in state.items() if not untapped(key)}
+        """``state`` without weights of backbone stages the encoder no longer builds (``without_untapped_weights``)."""
+        return without_untapped_weights(self.encoder.backbone, state, "encoder.backbone.")
 
     @property
     def dim(self) -> int:
