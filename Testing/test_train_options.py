@@ -314,7 +314,7 @@ def test_defaults_are_todays_configuration():
         ("tf_efficientnet_lite0", "2,3", 64, "imagenet", 1)
     assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
         (3, None, "mean", True, 8)
-    assert (args.position_norm, args.smoothing_mm) == (True, 6.0)
+    assert (args.position_norm, args.smoothing_mm, args.guide_radius_mm) == (True, 6.0, 4.0)
     assert args.shape is None and args.spacing is None and args.align is None
     assert grid_config(args, SLICENET_GRID).align == "brain-axes"
 
@@ -331,15 +331,24 @@ def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):
         EncoderConfig(neighbourhood=4)
 
 
-def test_heatmap_smoothing_option(tmp_path):
-    args = _train_args("--smoothing-mm", "0", "--no-position-norm")
+@pytest.mark.parametrize("option, bad, message, scoring, match", [
+    ("smoothing-mm", "-2", "give a sigma of 0 mm (no smoothing) or more", {"smoothing_mm": float("nan")}, "sigma"),
+    ("guide-radius-mm", "-1", "give a window half-width of 0 mm (no refinement) or more", {"guide_eps": 0.0}, "eps"),
+])
+def test_heatmap_scoring_options(tmp_path, option, bad, message, scoring, match):
+    args = _train_args(f"--{option}", "0", "--no-position-norm")
     train.resolve_options(args)
-    assert (args.smoothing_mm, args.position_norm) == (0.0, False)
-    result = run_cli("train", "--train", str(tmp_path), "--name", "m", "--smoothing-mm", "-2")
+    assert (getattr(args, option.replace("-", "_")), args.position_norm) == (0.0, False)
+    result = run_cli("train", "--train", str(tmp_path), "--name", "m", f"--{option}", bad)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: --smoothing-mm -2: give a sigma of 0 mm (no smoothing) or more"
-    with pytest.raises(ValueError, match="sigma"):  # a model file saying so is refused too
-        SliceNetConfig.from_dict({**asdict(_config()), "scoring": {"smoothing_mm": float("nan")}})
+    assert result.stderr.strip() == f"error: --{option} {bad}: {message}"
+    with pytest.raises(ValueError, match=match):  # a model file saying so is refused too
+        SliceNetConfig.from_dict({**asdict(_config()), "scoring": scoring})
+
+
+def test_model_files_from_before_the_refinement_load_without_it():
+    old = SliceNetConfig.from_dict({**asdict(_config()), "scoring": {"smoothing_mm": 6.0}})
+    assert old.scoring.guide_radius_mm == 0
 
 
 def test_several_training_sources(tmp_path):
@@ -436,7 +445,7 @@ def test_paper_preset_with_explicit_overrides_and_the_encoder_alias(tmp_path):
     assert (args.noise_sigma, args.noise_space, args.lr, args.group, args.blocks, args.slab_position) == \
         (0.08, "raw", 1e-3, 3, 8, False)
     assert (args.neighbourhood, grid_config(args, SLICENET_GRID).align) == (3, "none")  # the paper's
-    assert (args.position_norm, args.smoothing_mm) == (False, 4.0)
+    assert (args.position_norm, args.smoothing_mm, args.guide_radius_mm) == (False, 4.0, 0.0)
     config = TrainConfig()
     assert (config.spp_beta, config.spp_tau, config.sub_batch) == (0.05, 0.1, 4096)
 

