@@ -9,6 +9,7 @@ follows the image's edges, and its local mean stays what the model gave.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ class Guide:
 
     coarse: np.ndarray  # map grid: mean normalised intensity of each map voxel's brain voxels
     weight: np.ndarray  # map grid: fraction of each map voxel that is brain
-    intensity: np.ndarray  # input grid: intensity normalised as for the model (0..1), 0 outside the brain
+    intensity: np.ndarray  # input grid (its memory order): intensity normalised as for the model (0..1), 0 outside the brain
 
     @classmethod
     def of(cls, image: np.ndarray, brain: np.ndarray, factor: int, array: np.ndarray,
@@ -36,10 +37,13 @@ class Guide:
         weight = _block_mean(brain.astype(np.float32), factor)
         coarse = _block_mean(image, factor) / np.maximum(weight, 1e-6)
         lo, hi = intensity_range
-        intensity = np.zeros(array.shape, dtype)
-        values = (np.asarray(array, np.float32)[where] - lo) / max(hi - lo, 1e-6)
-        intensity[where] = np.clip(values, 0.0, 1.0)
-        return cls(coarse.astype(np.float32), weight, intensity)
+        # Whole-array ufuncs in the input's own memory order (NIfTI arrays are Fortran-ordered):
+        # far faster than indexing with ``where``, and the refined map is 0 outside it anyway.
+        intensity = np.subtract(array, np.float32(lo), dtype=np.float32)
+        intensity *= np.float32(1.0 / max(hi - lo, 1e-6))
+        np.clip(intensity, 0.0, 1.0, out=intensity)
+        intensity *= where
+        return cls(coarse.astype(np.float32), weight, intensity.astype(dtype, order="K", copy=False))
 
 
 def guided_coefficients(values: np.ndarray, guide: Guide, radius: tuple[int, int, int],
@@ -66,5 +70,8 @@ def guided_coefficients(values: np.ndarray, guide: Guide, radius: tuple[int, int
 
 def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor``-cubed blocks (the map grid's voxels; shapes divide by ``factor``)."""
-    x, y, z = (n // factor for n in volume.shape)
-    return volume.reshape(x, factor, y, factor, z, factor).mean(axis=(1, 3, 5), dtype=np.float32)
+    # A sum of strided views reads the volume once in its own memory order (a reshape copies it first).
+    total = np.zeros([n // factor for n in volume.shape], np.float32)
+    for i, j, k in itertools.product(range(factor), repeat=3):
+        total += volume[i::factor, j::factor, k::factor]
+    return total / np.float32(factor**3)

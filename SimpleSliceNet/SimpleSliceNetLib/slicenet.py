@@ -198,7 +198,9 @@ class SliceNetModel(nn.Module):
         a, b = guided_coefficients(coarse, guide, self.guide_radius(), self.config.scoring.guide_eps)
         a, b = to_input([a, b], where=input_brain)
         # Outside input_brain a and b are 0, so the map is too.
-        return (a * guide.intensity + b).astype(np.float32)
+        a *= guide.intensity
+        a += b
+        return a
 
     @property
     def refines(self) -> bool:
