@@ -22,7 +22,7 @@ class Guide:
 
     coarse: np.ndarray  # map grid: mean normalised intensity of each map voxel's brain voxels
     weight: np.ndarray  # map grid: fraction of each map voxel that is brain
-    intensity: np.ndarray  # input grid (its memory order): intensity normalised as for the model (0..1), 0 outside the brain
+    intensity: np.ndarray  # input grid, its memory order: normalised as for the model (0..1), 0 outside the brain
 
     @classmethod
     def of(cls, image: np.ndarray, brain: np.ndarray, factor: int, array: np.ndarray,
