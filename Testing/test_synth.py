@@ -141,7 +141,8 @@ def test_manifest_schema_paths_and_files(small_set):
     assert manifest["seed"] == 2 and manifest["config"]["n_test_lesion"] == 3
     cases = manifest["cases"]
     assert len(cases) == 5
-    keys = {"id", "split", "image", "mask", "label", "family", "template", "grid", "spacing", "orientation", "contrast"}
+    keys = {"id", "split", "image", "mask", "label", "family", "template", "grid", "spacing", "orientation", "contrast",
+            "image_sha256", "mask_sha256"}
     for case in cases:
         assert set(case) == keys
         assert case["contrast"] == "t1"
@@ -149,14 +150,16 @@ def test_manifest_schema_paths_and_files(small_set):
         assert case["image"].startswith(case["split"] + "/")
         volume = load_volume(root / case["image"])
         assert list(volume.array.shape) == case["grid"]
+        assert synth.voxel_sha256(volume.array) == case["image_sha256"]  # what was written is what reads back
         np.testing.assert_allclose(volume.spacing, case["spacing"], atol=1e-3)
         if case["orientation"] == "LPS":
             assert nib.aff2axcodes(volume.affine) == ("L", "P", "S")
         if case["label"] == "healthy":
-            assert case["mask"] is None and case["family"] == "healthy"
+            assert case["mask"] is None and case["family"] == "healthy" and case["mask_sha256"] is None
             continue
         assert case["family"] in synth.LESION_FAMILIES
         mask = load_volume(root / case["mask"])
+        assert synth.voxel_sha256(mask.array) == case["mask_sha256"]
         assert np.allclose(mask.affine, volume.affine) and mask.array.shape == volume.array.shape
         assert set(np.unique(mask.array)) == {0.0, 1.0}
         assert np.all(volume.array[mask.array > 0] > 0)

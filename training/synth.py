@@ -16,6 +16,7 @@ By default the SRI24 template is held out for the test split (`holdout_template`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -414,7 +415,16 @@ def _write_case(spec: CaseSpec, out_dir: Path) -> dict[str, Any]:
         "spacing": [round(float(s), 4) for s in volume.spacing],
         "orientation": spec.orientation,
         "contrast": "t1",
+        # Of the voxel values, not the file bytes (compressors differ): another run or machine can
+        # check that it made the same set.
+        "image_sha256": voxel_sha256(volume.array),
+        "mask_sha256": None if mask is None else voxel_sha256(mask),
     }
+
+
+def voxel_sha256(array: np.ndarray) -> str:
+    """SHA-256 of ``array``'s values as float32 in C order (whatever dtype or order it was read in)."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
 def _worker_count(config: SynthConfig, n_cases: int) -> int:
