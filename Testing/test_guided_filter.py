@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from SimpleSliceNetLib.guided_filter import Guide, guided_coefficients
+from SimpleSliceNetLib.guided_filter import Guide, refine
 from SimpleSliceNetLib.preprocess import GridMapping
 
 SHAPE = (32, 32, 16)  # model grid; the map grid is 2x coarser
@@ -14,10 +14,8 @@ FACTOR = 2
 def _refine(values: np.ndarray, image: np.ndarray, brain: np.ndarray, radius=(2, 2, 2), eps=1e-3) -> np.ndarray:
     """Refine a map-grid ``values`` by ``image`` on an input grid that is the model grid itself."""
     guide = Guide.of(image, brain, FACTOR, image, (0.0, 1.0), brain)
-    a, b = guided_coefficients(values.astype(np.float32), guide, radius, eps)
     mapping = GridMapping(np.eye(4), SHAPE, np.eye(4), SHAPE).coarse(FACTOR)
-    a, b = mapping.to_input([a, b], where=brain)
-    return a * guide.intensity + b
+    return refine(values.astype(np.float32), guide, mapping, brain, radius, eps)
 
 
 def _coarse_to_fine(values: np.ndarray, brain: np.ndarray) -> np.ndarray:

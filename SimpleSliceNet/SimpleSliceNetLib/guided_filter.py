@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .preprocess import GridMapping
+
 
 @dataclass
 class Guide:
@@ -44,6 +46,19 @@ class Guide:
         np.clip(intensity, 0.0, 1.0, out=intensity)
         intensity *= where
         return cls(coarse.astype(np.float32), weight, intensity.astype(dtype, order="K", copy=False))
+
+
+def refine(values: np.ndarray, guide: Guide, mapping: GridMapping, where: np.ndarray, radius: tuple[int, int, int],
+           eps: float) -> np.ndarray:
+    """``values`` (the map grid ``mapping`` leads from) refined by ``guide``, on the input grid at ``where``.
+
+    The coefficients are fitted on the map grid, resampled onto the input grid (both on one sampling
+    grid) and applied to the input's own intensities; outside ``where`` they are 0, and so is the map.
+    """
+    a, b = mapping.to_input(list(guided_coefficients(values, guide, radius, eps)), where=where)
+    a *= guide.intensity
+    a += b
+    return a
 
 
 def guided_coefficients(values: np.ndarray, guide: Guide, radius: tuple[int, int, int],

@@ -13,7 +13,7 @@ from torch import nn
 
 from .encoder import EncoderConfig, SliceEncoder, build_backbone, without_untapped_weights
 from .flow import FlowConfig, GridFlow, build_flow, log_likelihood, positional_codes, positional_encoding
-from .guided_filter import Guide, guided_coefficients
+from .guided_filter import Guide, refine
 from .preprocess import GridMapping, PreprocessConfig, Preprocessed
 from .scoring import ScoringConfig
 
@@ -192,15 +192,10 @@ class SliceNetModel(nn.Module):
         image's edges (guided_filter.py).
         """
         coarse = self.score_map(nll)
-        to_input = mapping.coarse(self.config.map_factor).to_input
+        mapping = mapping.coarse(self.config.map_factor)
         if guide is None or not self.refines:
-            return to_input(coarse, where=input_brain)
-        a, b = guided_coefficients(coarse, guide, self.guide_radius(), self.config.scoring.guide_eps)
-        a, b = to_input([a, b], where=input_brain)
-        # Outside input_brain a and b are 0, so the map is too.
-        a *= guide.intensity
-        a += b
-        return a
+            return mapping.to_input(coarse, where=input_brain)
+        return refine(coarse, guide, mapping, input_brain, self.guide_radius(), self.config.scoring.guide_eps)
 
     @property
     def refines(self) -> bool:
