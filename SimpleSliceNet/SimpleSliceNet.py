@@ -19,6 +19,7 @@ from slicer.util import VTKObservationMixin
 
 from SimpleSliceNetLib import mrml_adapter
 from SimpleSliceNetLib.job_runner import JobError
+from SimpleSliceNetLib.lesions import MIN_LESION_ML
 from SimpleSliceNetLib.slicer_logic import (
     UNCERTAINTY_COLUMN,
     AnomalyDetectionLogic,
@@ -63,7 +64,7 @@ class SimpleSliceNetParameterNode:
     model: str = ""
     device: str = "auto"
     threshold: float = 0.5
-    minLesionVolumeMl: float = 0.1
+    minLesionVolumeMl: float = MIN_LESION_ML
     overlayOpacity: float = 0.5
     trainingModelName: str = "my-model"
     trainingEpochs: int = 30

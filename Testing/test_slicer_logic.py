@@ -11,6 +11,7 @@ import csv
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ import tomllib
 import vtk
 
 from SimpleSliceNetLib import mrml_adapter as mrml
-from SimpleSliceNetLib.job_runner import JobError
+from SimpleSliceNetLib.job_runner import JobError, child_environment, cli_command
+from SimpleSliceNetLib.lesions import MIN_LESION_ML
 from SimpleSliceNetLib.slicer_logic import (
     LESION_COLUMNS,
     REQUIREMENTS,
@@ -35,7 +37,7 @@ from SimpleSliceNetLib.slicer_logic import (
     plant_lesion,
     write_lesion_csv,
 )
-from SimpleSliceNetLib.volume_io import load_volume
+from SimpleSliceNetLib.volume_io import load_volume, save_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough to train in ~20 s here; the plumbing, not the accuracy, is under test.
@@ -284,7 +286,7 @@ def test_label_map_lesion_list_and_threshold_agree(detected, logic):
     brain = logic.brainMask(result.heatmapNode)
     assert np.all(heatmap[~brain] == 0)
     for threshold in (np.percentile(heatmap[brain], 90), np.percentile(heatmap[brain], 99.5)):
-        lesions = logic.applyThreshold(result.heatmapNode, result.labelNode, float(threshold))
+        lesions = logic.applyThreshold(result.heatmapNode, result.labelNode, float(threshold), minLesionVolumeMl=0.0)
         labels = mrml.array_from_node(result.labelNode)
         assert labels.dtype == np.uint8
         assert np.array_equal(labels > 0, (heatmap >= threshold) & brain)
@@ -302,12 +304,34 @@ def test_minimum_lesion_size_drops_small_regions(detected, logic):
     result = detected["result"]
     heatmap = mrml.array_from_node(result.heatmapNode)
     threshold = float(np.percentile(heatmap[heatmap != 0], 97))
-    every = logic.applyThreshold(result.heatmapNode, result.labelNode, threshold)
+    every = logic.applyThreshold(result.heatmapNode, result.labelNode, threshold, minLesionVolumeMl=0.0)
     cutoff = float(np.median([lesion.volume_ml for lesion in every])) + 1e-6
     large = logic.applyThreshold(result.heatmapNode, result.labelNode, threshold, minLesionVolumeMl=cutoff)
     assert 0 < len(large) < len(every) or len(every) == 1
     assert all(lesion.volume_ml >= cutoff for lesion in large)
     assert logic.report(result.heatmapNode)["min_lesion_ml"] == cutoff
+
+
+def test_default_minimum_lesion_size_is_the_clis(detected, logic, home, tmp_path):
+    """Without a minimum given, the logic lists the findings ``simpleslicenet detect`` lists by default."""
+    result = detected["result"]
+    heatmap = mrml.array_from_node(result.heatmapNode)
+    threshold = float(np.percentile(heatmap[heatmap != 0], 97))
+    every = logic.applyThreshold(result.heatmapNode, result.labelNode, threshold, minLesionVolumeMl=0.0)
+    assert any(lesion.volume_ml < MIN_LESION_ML for lesion in every)  # so the default has something to drop
+    ours = logic.applyThreshold(result.heatmapNode, result.labelNode, threshold)
+    array, affine = mrml.volume_from_node(detected["node"])
+    save_volume(tmp_path / "t1.nii.gz", array, affine)
+    done = subprocess.run(
+        cli_command(["detect", tmp_path / "t1.nii.gz", "--output-dir", tmp_path / "out", "--model", MODEL_ID,
+                     "--device", "cpu", "--threshold", repr(threshold), "--no-overlay"]),
+        env=child_environment({"SIMPLESLICENET_HOME": str(home)}), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads((tmp_path / "out" / "t1_report.json").read_text())["lesions"]
+    assert 0 < len(ours) < len(every)
+    assert [lesion.voxels for lesion in ours] == [lesion["voxels"] for lesion in theirs]
+    assert all(lesion.volume_ml >= MIN_LESION_ML for lesion in ours)
 
 
 def test_threshold_works_on_a_heatmap_from_a_saved_scene(detected):
@@ -316,7 +340,7 @@ def test_threshold_works_on_a_heatmap_from_a_saved_scene(detected):
     fresh = AnomalyDetectionLogic()
     heatmap = mrml.array_from_node(result.heatmapNode)
     threshold = float(np.percentile(heatmap[heatmap != 0], 95))
-    lesions = fresh.applyThreshold(result.heatmapNode, result.labelNode, threshold)
+    lesions = fresh.applyThreshold(result.heatmapNode, result.labelNode, threshold, minLesionVolumeMl=0.0)
     labels = mrml.array_from_node(result.labelNode)
     assert np.array_equal(labels > 0, (heatmap >= threshold) & (heatmap != 0)) and int(labels.max()) == len(lesions)
 

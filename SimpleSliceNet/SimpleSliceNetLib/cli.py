@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UserError
+from .lesions import MIN_LESION_ML
 from .progress import Progress
 from .volume_io import volume_stem
 
@@ -31,7 +32,8 @@ def _add_detect(subparsers) -> None:
     p.add_argument("--threshold", type=float, help="heatmap threshold (default: the model's calibrated one)")
     p.add_argument("--mask", action="append", default=[], metavar="FILE",
                    help="brain mask on the input's grid (once per input, in order; default: non-zero voxels)")
-    p.add_argument("--min-lesion-ml", type=float, default=0.1, help="drop findings smaller than this (mL)")
+    p.add_argument("--min-lesion-ml", type=float, default=MIN_LESION_ML,
+                   help=f"drop findings smaller than this (mL; default {MIN_LESION_ML:g})")
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
     p.add_argument("--shard", metavar="I/N",
                    help="process only inputs I, I+N, I+2N, ... (1-based) of the sorted input list, so N processes "

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .arrays import nonzero_in_memory_order
+
+# Findings smaller than this are dropped by default (CLI, Slicer logic and module): specks of a few
+# voxels where the map just touches the threshold are not findings a reader wants listed.
+MIN_LESION_ML = 0.1
 
 
 @dataclass
@@ -42,6 +45,8 @@ def extract_lesions(
     255 regions) and the matching lesions. Regions smaller than ``min_volume_ml`` are dropped.
     Connectivity is 26-neighbour, as lesion counting tools usually do.
     """
+    from scipy import ndimage  # here, not at import: the CLI and the Slicer module read MIN_LESION_ML at start
+
     above = heatmap >= threshold
     if brain_mask is not None:
         above &= brain_mask.astype(bool)
@@ -96,4 +101,6 @@ def lesion_means(values: np.ndarray | None, labels: np.ndarray, lesions: list[Le
     """Mean of ``values`` (e.g. the uncertainty map) over each lesion's voxels; None without ``values``."""
     if values is None:
         return None
+    from scipy import ndimage
+
     return [float(v) for v in ndimage.mean(values, labels, [lesion.id for lesion in lesions])] if lesions else []

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import mrml_adapter as mrml
 from .job_runner import JobError, JobResult, JobRunner, child_environment, cli_command
+from .lesions import MIN_LESION_ML
 from .resources import user_models_dir
 
 T = TypeVar("T")
@@ -104,7 +105,7 @@ class _ThresholdState:
     report: dict = field(default_factory=dict)
     lesions: list = field(default_factory=list)
     threshold: float | None = None
-    minLesionVolumeMl: float = 0.0
+    minLesionVolumeMl: float = MIN_LESION_ML
     uncertainty: np.ndarray | None = None  # epistemic map, when the model gives one
     lesionUncertainty: list[float] | None = None
 
@@ -195,7 +196,7 @@ class AnomalyDetectionLogic:
         threshold: float | None = None,
         waitForCompletion: bool = True,
         progressCallback: ProgressCallback | None = None,
-        minLesionVolumeMl: float = 0.0,
+        minLesionVolumeMl: float = MIN_LESION_ML,
         messageCallback: MessageCallback | None = None,
     ) -> DetectionResult | Job[DetectionResult]:
         """Detect anomalies in ``inputVolumeNode``; returns the result, or a :class:`Job` when not waiting.
@@ -362,7 +363,7 @@ class AnomalyDetectionLogic:
         return state
 
     def applyThreshold(
-        self, heatmapNode: Any, labelNode: Any, threshold: float, minLesionVolumeMl: float = 0.0
+        self, heatmapNode: Any, labelNode: Any, threshold: float, minLesionVolumeMl: float = MIN_LESION_ML
     ) -> list:
         """Rebuild the label map at ``threshold`` and return the lesions; the model is not run."""
         from .lesions import extract_lesions, lesion_means
