@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the virtual environment .venv at the repository root with the engine,
 # the training tools, the offline weights and the test tools. Idempotent: a second run with an
-# unchanged pyproject.toml and constraints.txt does nothing. Versions are pinned by constraints.txt.
+# unchanged pyproject.toml and constraints.txt does nothing. On Python 3.11 constraints.txt pins the versions.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
