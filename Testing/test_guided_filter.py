@@ -9,17 +9,18 @@ from SimpleSliceNetLib.preprocess import GridMapping
 
 SHAPE = (32, 32, 16)  # model grid; the map grid is 2x coarser
 FACTOR = 2
+# The input grid is the model grid itself.
+MAPPING = GridMapping(np.eye(4), SHAPE, np.eye(4), SHAPE).coarse(FACTOR)
 
 
 def _refine(values: np.ndarray, image: np.ndarray, brain: np.ndarray, radius=(2, 2, 2), eps=1e-3) -> np.ndarray:
-    """Refine a map-grid ``values`` by ``image`` on an input grid that is the model grid itself."""
+    """Refine a map-grid ``values`` by ``image`` (input grid)."""
     guide = Guide.of(image, brain, FACTOR, image, (0.0, 1.0), brain)
-    mapping = GridMapping(np.eye(4), SHAPE, np.eye(4), SHAPE).coarse(FACTOR)
-    return refine(values.astype(np.float32), guide, mapping, brain, radius, eps)
+    return refine(values.astype(np.float32), guide, MAPPING, brain, radius, eps)
 
 
 def _coarse_to_fine(values: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    return GridMapping(np.eye(4), SHAPE, np.eye(4), SHAPE).coarse(FACTOR).to_input(values, where=brain)
+    return MAPPING.to_input(values, where=brain)
 
 
 def test_a_blurred_map_follows_a_sharp_edge_of_the_image():
@@ -61,8 +62,8 @@ def test_windows_without_intensity_change_keep_the_model_map():
     refined = _refine(values, image, brain, radius=(1, 1, 1))
     from scipy import ndimage
 
-    box_mean = ndimage.uniform_filter(ndimage.uniform_filter(values, 3, mode="constant")
-                                      / ndimage.uniform_filter(np.ones_like(values), 3, mode="constant"),
-                                      3, mode="constant") / ndimage.uniform_filter(np.ones_like(values), 3,
-                                                                                   mode="constant")
-    np.testing.assert_allclose(refined, _coarse_to_fine(box_mean, brain), atol=1e-5)
+    def window_mean(x: np.ndarray) -> np.ndarray:  # over the 3x3x3 window's voxels inside the grid
+        return ndimage.uniform_filter(x, 3, mode="constant") / ndimage.uniform_filter(np.ones_like(x), 3,
+                                                                                      mode="constant")
+
+    np.testing.assert_allclose(refined, _coarse_to_fine(window_mean(window_mean(values)), brain), atol=1e-5)
