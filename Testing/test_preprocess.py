@@ -8,6 +8,7 @@ import pytest
 from conftest import BRAIN_AXES, BRAIN_CENTRE, grid_affine, phantom, rotation, world_coordinates
 from scipy import ndimage
 
+from SimpleSliceNetLib.arrays import filled_at, values_at
 from SimpleSliceNetLib.errors import VolumeError
 from SimpleSliceNetLib.preprocess import (
     ALIGN_SCALE_RANGE,
@@ -107,6 +108,12 @@ def test_masked_and_multi_channel_resampling_match_the_full_one(grid):
         assert masked.shape == where.shape
         np.testing.assert_allclose(masked[where], full[where], atol=1e-5)
         assert not masked[~where].any()
+        # The voxel vector of at_voxels is in the order values_at reads any volume (of either layout) in,
+        # and filled_at puts it back where it was.
+        vector = mapping.at_voxels(on_model, layout(where))
+        for volume in (np.ascontiguousarray(full), np.asfortranarray(full)):
+            np.testing.assert_allclose(vector, values_at(volume, layout(where)), atol=1e-5)
+        np.testing.assert_array_equal(filled_at(layout(where), vector), masked)
     # Channels share one sampling grid and come back in order; Fortran-ordered input (as NIfTI reads) too.
     truth = np.asfortranarray(blob_field(mapping.input_shape, mapping.input_affine))
     first, second = mapping.to_model([truth, 2.0 * truth])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .arrays import filled_at, values_at
 from .preprocess import GridMapping
 
 
@@ -24,7 +25,7 @@ class Guide:
 
     coarse: np.ndarray  # map grid: mean normalised intensity of each map voxel's brain voxels
     weight: np.ndarray  # map grid: fraction of each map voxel that is brain
-    intensity: np.ndarray  # input grid, its memory order: normalised as for the model (0..1), 0 outside the brain
+    intensity: np.ndarray  # normalised as for the model (0..1) at the input's brain voxels, in their memory order
 
     @classmethod
     def of(cls, image: np.ndarray, brain: np.ndarray, factor: int, array: np.ndarray,
@@ -39,26 +40,25 @@ class Guide:
         weight = _block_mean(brain.astype(np.float32), factor)
         coarse = _block_mean(image, factor) / np.maximum(weight, 1e-6)
         lo, hi = intensity_range
-        # Whole-array ufuncs in the input's own memory order (NIfTI arrays are Fortran-ordered):
-        # far faster than indexing with ``where``, and the refined map is 0 outside it anyway.
-        intensity = np.subtract(array, np.float32(lo), dtype=np.float32)
+        # Only the brain's voxels (the refined map is 0 elsewhere): a sixth of a typical input grid.
+        intensity = np.subtract(values_at(array, where), np.float32(lo), dtype=np.float32)
         intensity *= np.float32(1.0 / max(hi - lo, 1e-6))
         np.clip(intensity, 0.0, 1.0, out=intensity)
-        intensity *= where
-        return cls(coarse.astype(np.float32), weight, intensity.astype(dtype, order="K", copy=False))
+        return cls(coarse.astype(np.float32), weight, intensity.astype(dtype, copy=False))
 
 
 def refine(values: np.ndarray, guide: Guide, mapping: GridMapping, where: np.ndarray, radius: tuple[int, int, int],
            eps: float) -> np.ndarray:
     """``values`` (the map grid ``mapping`` leads from) refined by ``guide``, on the input grid at ``where``.
 
-    The coefficients are fitted on the map grid, resampled onto the input grid (both on one sampling
-    grid) and applied to the input's own intensities; outside ``where`` they are 0, and so is the map.
+    The coefficients are fitted on the map grid, resampled at the input's ``where`` voxels (both on one
+    sampling grid) and applied to the input's own intensities there; outside ``where`` the map is 0.
+    ``where`` must be the one ``guide`` was made with.
     """
-    a, b = mapping.to_input(list(guided_coefficients(values, guide, radius, eps)), where=where)
+    a, b = mapping.at_voxels(list(guided_coefficients(values, guide, radius, eps)), where)
     a *= guide.intensity
     a += b
-    return a
+    return filled_at(where, a)
 
 
 def guided_coefficients(values: np.ndarray, guide: Guide, radius: tuple[int, int, int],

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .arrays import memory_order, nonzero_in_memory_order
+from .arrays import filled_at, memory_order, nonzero_in_memory_order
 from .errors import VolumeError
 from .volume_io import Volume
 
@@ -130,7 +130,21 @@ class GridMapping:
         With ``where`` (bool, input grid) only those voxels are computed and the rest are 0: maps are
         brain-masked anyway, and the brain is a fraction of a typical input grid.
         """
-        return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order, where)
+        if where is None:
+            return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order)
+        values = self.at_voxels(array, where, order)
+        if isinstance(array, np.ndarray):
+            return filled_at(where, values)
+        return [filled_at(where, channel) for channel in values]
+
+    def at_voxels(self, array: np.ndarray | Sequence[np.ndarray], where: np.ndarray,
+                  order: int = 1) -> np.ndarray | list[np.ndarray]:
+        """``array`` on the model grid (or a sequence of them) sampled at the input voxels ``where`` marks,
+        as a vector in ``where``'s memory order (``arrays.values_at`` gives input volumes' values in the
+        same order, ``arrays.filled_at`` puts them back on the grid)."""
+        sampled = _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order,
+                            where)
+        return sampled[0] if isinstance(array, np.ndarray) else list(sampled)
 
     def coarse(self, factor: int) -> GridMapping:
         """The same mapping for a model grid ``factor`` times coarser (same field of view).
@@ -154,8 +168,9 @@ def _resample(
     ``array`` is one (X, Y, Z) array or a sequence of them sharing one sampling grid (a list comes
     back). torch's grid_sample does this several times faster than scipy on a few cores; voxel
     centres map exactly (align_corners) and points outside the input read as 0. With ``where``,
-    only the output voxels it marks are sampled (the others are 0); with ``box`` only that part of
-    the output grid is (and is returned), each voxel with the same value as on the whole grid.
+    only the output voxels it marks are sampled, and come back as (channels, voxels) in ``where``'s
+    memory order; with ``box`` only that part of the output grid is (and is returned), each voxel
+    with the same value as on the whole grid.
     """
     import torch
 
@@ -187,11 +202,10 @@ def _resample(
         torch.add((outer + theta[:, 3])[:, None, None] + middle[None, :, None], inner[None, None, :],
                   out=grid[0, :length])
     else:
-        # Voxels found and written in ``where``'s memory order.
-        layout = memory_order(where)
-        flat, index = nonzero_in_memory_order(where)
+        # Voxels found in ``where``'s memory order.
+        _, index = nonzero_in_memory_order(where)
         to_grid = (to_source @ out_to_in)[:3].astype(np.float32)
-        coords = np.empty((3, len(flat)), dtype=np.float32)
+        coords = np.empty((3, len(index[0])), dtype=np.float32)
         for axis, axis_index in enumerate(index):
             coords[axis] = axis_index  # cast on assignment: no stacked int64 copy
         points = np.matmul(to_grid[:, :3], coords)
@@ -205,9 +219,7 @@ def _resample(
     if where is None and fortran:
         sampled = sampled.transpose(0, 3, 2, 1)
     if where is not None:
-        out = np.zeros((len(arrays), where.size), dtype=np.float32)
-        out[:, flat] = sampled[:, :, 0, 0]
-        sampled = [channel.reshape(shape, order=layout) for channel in out]
+        return sampled[:, :, 0, 0]
     return sampled[0] if isinstance(array, np.ndarray) else list(sampled)
 
 
