@@ -18,6 +18,8 @@ from SimpleSliceNetLib.encoder import (
     EncoderConfig,
     SliceEncoder,
     _channel_pool_matrix,
+    _pad_without_fill,
+    _PaddedSameConv,
     build_backbone,
     drop_untapped_stages,
     offline_weights_path,
@@ -191,6 +193,23 @@ def test_folding_batchnorm_keeps_the_features():
     with torch.inference_mode():
         after = encoder(slices)
     np.testing.assert_allclose(after.numpy(), before.numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [(48, 48), (37, 50)])
+def test_same_padding_without_fill_is_timms_to_the_bit(kernel, size):
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(6, 6, kernel, stride=2, groups=6, bias=True).eval()
+    holder = torch.nn.Sequential(conv)
+    assert _pad_without_fill(holder) == 1 and isinstance(holder[0], _PaddedSameConv)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = (torch.rand(2, 6, *size) + 1.0).contiguous(memory_format=layout)  # no zeros: a missed border shows
+        with torch.inference_mode():
+            expected, got = conv(x), holder(x)
+        assert got.shape == expected.shape
+        assert torch.equal(got, expected)
 
 
 def test_detection_freezes_the_cpu_encoder_with_the_same_features_for_any_batch():

@@ -245,6 +245,52 @@ def _channel_pool_matrix(channels: int, out: int) -> torch.Tensor:
     return torch.from_numpy(matrix)
 
 
+class _PaddedSameConv(nn.Module):
+    """timm's ``Conv2dSame`` (TensorFlow's asymmetric 'same' padding), with the padded input built by copying
+    it into an uninitialised tensor and zeroing only the border rows and columns.
+
+    ``F.pad`` fills the whole padded tensor and then copies the input over it: for the four stride-2
+    convolutions of the default backbone that wasted pass was about a tenth of the frozen encoder's time.
+    The values are the same to the bit.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from timm.layers.padding import pad_same_arg
+
+        conv = self.conv
+        # Plain ints: traced, the padding becomes constants of the fixed slice size.
+        left, right, top, bottom = (int(p) for p in pad_same_arg(
+            [int(n) for n in x.shape[-2:]], conv.weight.shape[-2:], conv.stride, conv.dilation))
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        padded = torch.empty((x.shape[0], x.shape[1], top + height + bottom, left + width + right), dtype=x.dtype,
+                             device=x.device, memory_format=layout)
+        padded[:, :, top : top + height, left : left + width] = x
+        padded[:, :, :top] = 0
+        padded[:, :, top + height :] = 0
+        padded[:, :, top : top + height, :left] = 0
+        padded[:, :, top : top + height, left + width :] = 0
+        return F.conv2d(padded, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def _pad_without_fill(module: nn.Module) -> int:
+    """Wrap every timm ``Conv2dSame`` under ``module`` in ``_PaddedSameConv``; returns how many."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    wrapped = 0
+    for name, child in list(module.named_children()):
+        if type(child) is Conv2dSame:
+            setattr(module, name, _PaddedSameConv(child))
+            wrapped += 1
+        else:
+            wrapped += _pad_without_fill(child)
+    return wrapped
+
+
 def _fold_batchnorm(module: nn.Module) -> int:
     folded = sum(_fold_batchnorm(child) for child in module.children())
     previous = None
@@ -304,15 +350,17 @@ class SliceEncoder(nn.Module):
 
         On a 2-core CPU the frozen backbone gives the same features to the last bit in about 30 % less
         time (0.42 s against 0.62 s a volume for the default model), and tracing costs about what the first
-        eager call loses, so one volume already breaks even. The graph holds the padding computed for this
-        slice size, so call it only for the model grid's size, after ``fold_batchnorm`` and only for
-        detection (the module can no longer be trained or saved as before). Returns False and keeps the
-        eager backbone where tracing is not available (a torch without ``torch.jit``).
+        eager call loses, so one volume already breaks even; its 'same'-padded convolutions pad without
+        filling first (``_PaddedSameConv``). The graph holds the padding computed for this slice size, so
+        call it only for the model grid's size, after ``fold_batchnorm`` and only for detection (the module
+        can no longer be trained or saved as before). Returns False and keeps the eager backbone where
+        tracing is not available (a torch without ``torch.jit``).
         """
         if not hasattr(torch.jit, "freeze"):
             return False
         device = self.mean.device
         example = torch.zeros(1, 3, height, width, device=device).contiguous(memory_format=torch.channels_last)
+        _pad_without_fill(self.backbone)
         with warnings.catch_warnings():
             # torch marks jit deprecated and warns about shape arithmetic it records as constants (the
             # slice size is fixed): neither concerns a user.
