@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .arrays import filled_at, memory_order, nonzero_in_memory_order
+from .arrays import filled_at, memory_order, nonzero_in_memory_order, values_at
 from .errors import VolumeError
 from .volume_io import Volume
 
@@ -369,10 +369,15 @@ def preprocess(
     input_brain = _covered(input_mask, np.linalg.inv(mapping.model_affine) @ mapping.input_affine, config.shape)
     coverage = np.count_nonzero(input_brain) / max(mask_voxels, 1)
 
-    lo, hi = np.percentile(image_box[brain_box], config.clip_percentiles)
+    lo, hi = np.percentile(values_at(image_box, brain_box), config.clip_percentiles)
     scale = max(float(hi - lo), 1e-6)
-    image_box = np.clip((image_box - lo) / scale, 0.0, 1.0).astype(np.float32)
-    image_box[~brain_box] = 0.0
+    # In float64 (the percentiles' type), in place; clipped values are finite, so the product with the
+    # mask zeroes the background exactly.
+    normalised = np.subtract(image_box, lo)
+    normalised /= scale
+    np.clip(normalised, 0.0, 1.0, out=normalised)
+    normalised *= brain_box
+    image_box = normalised.astype(np.float32)
     # Laid out (slices, rows, columns) in memory: the encoder reads the image slice by slice.
     layout = (config.shape[2], config.shape[0], config.shape[1])
     image, brain = np.zeros(layout, np.float32).transpose(1, 2, 0), np.zeros(layout, bool).transpose(1, 2, 0)
