@@ -27,6 +27,7 @@ def test_regions_are_numbered_by_decreasing_maximum_with_world_centroids(layout)
     heat = layout(_heatmap())
     labels, lesions = extract_lesions(heat, AFFINE, threshold=1.0)
     assert labels.dtype == np.uint8 and labels.shape == heat.shape
+    assert labels.flags.f_contiguous == heat.flags.f_contiguous  # laid out like the heatmap: written without a copy
     assert [les.id for les in lesions] == [1, 2, 3]
     assert [les.max_score for les in lesions] == [4.0, 2.5, 1.5]
     assert [les.voxels for les in lesions] == [12, 60, 1]

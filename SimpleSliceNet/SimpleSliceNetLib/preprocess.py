@@ -205,15 +205,14 @@ def _resample(
         # Voxels found in ``where``'s memory order.
         _, index = nonzero_in_memory_order(where)
         to_grid = (to_source @ out_to_in)[:3].astype(np.float32)
-        coords = np.empty((3, len(index[0])), dtype=np.float32)
+        length = len(index[0])
+        coords = np.empty((3, length), dtype=np.float32)
         for axis, axis_index in enumerate(index):
             coords[axis] = axis_index  # cast on assignment: no stacked int64 copy
-        points = np.matmul(to_grid[:, :3], coords)
-        points += to_grid[:, 3:]
-        points = torch.from_numpy(points)
-        length = points.shape[1]
         grid = _thread_grid(length, (1, 1))
-        grid[0, :length, 0, 0].copy_(points.T)
+        points = grid[0, :length, 0, 0].numpy()  # (length, 3): the positions are written into the grid itself
+        np.matmul(coords.T, to_grid[:, :3].T, out=points)
+        points += to_grid[:, 3]
     with torch.inference_mode():
         sampled = _grid_sample_threaded(source, grid, length, mode).numpy()
     if where is None and fortran:
