@@ -89,6 +89,11 @@ class GridMapping:
     model_affine: np.ndarray
     model_shape: tuple[int, int, int]
 
+    @property
+    def input_to_model(self) -> np.ndarray:
+        """4x4: the model-grid voxel index of an input voxel index."""
+        return np.linalg.inv(self.model_affine) @ self.input_affine
+
     def to_model(self, array: np.ndarray | Sequence[np.ndarray], order: int = 1,
                  box: tuple[slice, slice, slice] | None = None) -> np.ndarray | list[np.ndarray]:
         """``array`` on the input grid (or a sequence of them: one shared sampling grid) on the model grid.
@@ -112,7 +117,7 @@ class GridMapping:
         first = mask.argmax(axis=0)[rows]
         last = mask.shape[0] - 1 - mask[::-1].argmax(axis=0)[rows]
         j, k = np.nonzero(rows)
-        in_to_model = np.linalg.inv(self.model_affine) @ self.input_affine
+        in_to_model = self.input_to_model
         ends = [in_to_model[:3, :3] @ np.stack([i, j, k]) for i in (first, last)]
         low = np.minimum(*ends).min(axis=1) + in_to_model[:3, 3]
         high = np.maximum(*ends).max(axis=1) + in_to_model[:3, 3]
@@ -131,7 +136,7 @@ class GridMapping:
         brain-masked anyway, and the brain is a fraction of a typical input grid.
         """
         if where is None:
-            return _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order)
+            return _resample(array, self.input_to_model, self.input_shape, order)
         values = self.at_voxels(array, where, order)
         if isinstance(array, np.ndarray):
             return filled_at(where, values)
@@ -142,8 +147,7 @@ class GridMapping:
         """``array`` on the model grid (or a sequence of them) sampled at the input voxels ``where`` marks,
         as a vector in ``where``'s memory order (``arrays.values_at`` gives input volumes' values in the
         same order, ``arrays.filled_at`` puts them back on the grid)."""
-        sampled = _resample(array, np.linalg.inv(self.model_affine) @ self.input_affine, self.input_shape, order,
-                            where)
+        sampled = _resample(array, self.input_to_model, self.input_shape, order, where)
         return sampled[0] if isinstance(array, np.ndarray) else list(sampled)
 
     def coarse(self, factor: int) -> GridMapping:
@@ -365,7 +369,7 @@ def preprocess(
     box = mapping.model_box(input_mask)
     image_box, brain_box = mapping.to_model([data, input_mask], order=1, box=box)
     brain_box = brain_box > 0.5
-    input_brain = _covered(input_mask, np.linalg.inv(mapping.model_affine) @ mapping.input_affine, config.shape)
+    input_brain = _covered(input_mask, mapping.input_to_model, config.shape)
     coverage = np.count_nonzero(input_brain) / max(mask_voxels, 1)
 
     lo, hi = np.percentile(values_at(image_box, brain_box), config.clip_percentiles)
