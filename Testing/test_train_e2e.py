@@ -86,7 +86,8 @@ def test_training_writes_model_history_curves_and_checkpoint(tiny_model):
     # Per-position NLL statistics of the training volumes (after training), one per slab vector, not uniform.
     assert meta["config"]["position_norm"] is True and scoring["smoothing_mm"] == 6.0
     weights = load_file(str(tiny_model.json.with_suffix(".safetensors")))
-    assert weights["nll_mean"].shape == weights["nll_std"].shape == (16, 16, 16)  # 128/8, 128/8, 48/3
+    # 128/8, 128/8 and a slab scored on every slice of 48 (groups of 3: 46; the flow trains on 16)
+    assert weights["nll_mean"].shape == weights["nll_std"].shape == (16, 16, 46)
     assert torch.isfinite(weights["nll_mean"]).all() and (weights["nll_std"] > 0).all()
     assert weights["nll_std"].max() > 1.2 * weights["nll_std"].min()
 
@@ -172,6 +173,37 @@ def test_position_statistics_from_volumes_the_flow_does_not_train_on(tiny_model,
     plain = load_file(tmp_path / "plain.safetensors")
     assert flow and all(torch.equal(flow[k], plain[k]) for k in flow)
     assert not torch.equal(plain["nll_std"], load_file(tmp_path / "with_stats.safetensors")["nll_std"])
+
+
+def test_scoring_every_slice_leaves_the_flows_training_as_it_was(synth_set, tmp_path):
+    """--score-stride 1 (the default) against 3 (= the slab stride): the flow fits the same vectors at the
+    same codes, so its weights are the same to the bit; detection scores three times the slabs, the
+    trained ones as the tiling model does."""
+    from SimpleSliceNetLib.detector import build_model, prepare_for_inference
+    from SimpleSliceNetLib.model_file import read_model_file
+    from SimpleSliceNetLib.preprocess import preprocess
+
+    base = ["train", "--train", str(synth_set.manifest), "--shape", "96,96,48", "--spacing", "2,2,3",
+            "--epochs", "1", "--blocks", "2", "--device", "cpu", "--output-dir", str(tmp_path)]
+    for name, stride in (("every", "1"), ("tiling", "3")):
+        done = run_cli(*base, "--name", name, "--score-stride", stride)
+        assert done.returncode == 0, done.stderr[-2000:]
+    every, tiling = (load_file(tmp_path / f"{name}.safetensors") for name in ("every", "tiling"))
+    flow = [k for k in every if k.startswith("flow.") or k.startswith("feature_")]
+    assert flow and all(torch.equal(every[k], tiling[k]) for k in flow)
+    assert every["nll_mean"].shape == (12, 12, 46) and tiling["nll_mean"].shape == (12, 12, 16)
+    nets = [build_model(read_model_file(tmp_path / f"{name}.json")) for name in ("every", "tiling")]
+    assert [(n.config.score_stride, n.config.stride, n.config.fit_step) for n in nets] == [(1, 3, 3), (3, 3, 1)]
+    for net in nets:
+        prepare_for_inference(net, "cpu", None)  # detection's flow (GridFlow) and frozen encoder
+    image = preprocess(load_volume(synth_set.train[0]), nets[0].config.preprocess).image
+    features = nets[0].features(image)
+    assert features.shape[2] == 46
+    torch.testing.assert_close(features[:, :, ::3], nets[1].features(image), rtol=0, atol=0)
+    # Detection scores the trained slabs as the tiling model does, and the slabs in between too.
+    nll = nets[0].nll_grid(features)
+    torch.testing.assert_close(nll[:, :, ::3], nets[1].nll_grid(features[:, :, ::3]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(nll[:, :, 1::3], nll[:, :, ::3][:, :, :-1], rtol=1e-3, atol=1e-3)
 
 
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):

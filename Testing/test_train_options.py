@@ -111,9 +111,10 @@ def test_triplet_is_used_from_the_first_epoch_and_empty_sets_stay_finite():
 # --- slab aggregation and geometry ---------------------------------------------------------------
 
 
-def _config(shape=(64, 48, 24), group=3, stride=None, aggregation="mean", map_factor=2) -> SliceNetConfig:
+def _config(shape=(64, 48, 24), group=3, stride=None, aggregation="mean", map_factor=2, score=None) -> SliceNetConfig:
     return SliceNetConfig(preprocess=PreprocessConfig(shape=shape, spacing=(3.0, 3.0, 6.0)), flow=FlowConfig(blocks=1),
-                          group=group, slab_stride=stride, aggregation=aggregation, map_factor=map_factor)
+                          group=group, slab_stride=stride, aggregation=aggregation, map_factor=map_factor,
+                          score_stride=score)
 
 
 def test_overlapping_slabs_and_max_aggregation_of_slice_features():
@@ -134,6 +135,37 @@ def test_overlapping_slabs_and_max_aggregation_of_slice_features():
 def test_slab_layouts_that_do_not_cover_the_slices_are_refused(group, stride):
     with pytest.raises(ValueError, match="groups"):
         SliceNetModel(_config(group=group, stride=stride), encoder_weights="none")
+
+
+@pytest.mark.parametrize("stride, score", [(3, 2), (3, 4), (3, 0)])
+def test_score_strides_that_do_not_divide_the_slab_stride_are_refused(stride, score):
+    with pytest.raises(ValueError, match="does not divide"):
+        SliceNetModel(_config(stride=stride, score=score), encoder_weights="none")
+
+
+@pytest.mark.parametrize("group, stride, score", [(3, 3, 1), (4, 2, 1), (6, 6, 2)])
+def test_scored_slabs_between_the_trained_ones_keep_the_trained_slabs_and_their_codes(group, stride, score):
+    """A model scoring every ``score`` slices holds the tiling model's slabs and position codes, to the bit,
+    at every ``fit_step``-th slab, and slabs and codes in between (a position code halfway between two
+    trained slabs' is another code, not a copy of either)."""
+    torch.manual_seed(0)
+    trained = SliceNetModel(_config(group=group, stride=stride), encoder_weights="none").eval()
+    scored = SliceNetModel(_config(group=group, stride=stride, score=score), encoder_weights="none").eval()
+    scored.load_state_dict(trained.state_dict())
+    step = stride // score
+    assert scored.config.fit_step == step and scored.config.slabs(24) == (24 - group) // score + 1
+    assert torch.equal(scored.position[:, :, ::step], trained.position)
+    assert not torch.equal(scored.position[:, :, 1], trained.position[:, :, 0])
+    image = np.random.default_rng(0).uniform(0, 1, (64, 48, 24)).astype(np.float32)
+    features = scored.features(image)
+    assert features.shape[2] == scored.config.slabs(24)
+    assert torch.equal(features[:, :, ::step], trained.features(image))
+    brain = np.zeros((64, 48, 24), dtype=bool)
+    brain[20:40, 10:30, 5:15] = True
+    assert torch.equal(scored.slab_brain(brain)[:, :, ::step], trained.slab_brain(brain))
+    nll = scored.nll_grid(features)
+    torch.testing.assert_close(nll[:, :, ::step], trained.nll_grid(features[:, :, ::step]), rtol=1e-5, atol=1e-5)
+    assert scored.score_map(nll).shape == trained.score_map(nll[:, :, ::step]).shape == (32, 24, 12)
 
 
 def test_overlapping_map_path_agrees_with_trilinear_resizing_for_tiling_slabs():
@@ -177,14 +209,15 @@ def test_slab_brain_marks_vectors_whose_cells_hold_brain():
 def test_old_model_files_load_with_the_tiling_mean_slabs():
     # A file from before overlapping slabs, max aggregation and grid alignment: none of those keys.
     old = read_model_file(bundled_models_dir() / "simpleslicenet-t1-synth.json").config
-    old = {k: v for k, v in old.items() if k not in ("slab_stride", "aggregation")}
+    old = {k: v for k, v in old.items() if k not in ("slab_stride", "score_stride", "aggregation")}
     old["preprocess"] = {k: v for k, v in old["preprocess"].items() if k != "align"}
     config = SliceNetConfig.from_dict(old)
     assert (config.slab_stride, config.stride, config.aggregation) == (None, 3, "mean")
+    assert (config.score_stride, config.scored_stride, config.fit_step) == (None, 3, 1)  # scored where trained
     assert config.preprocess.align == "none"
     old.pop("position_norm", None)
     assert not SliceNetConfig.from_dict(old).position_norm  # and its weights hold no position statistics
-    new = _config(group=4, stride=2, aggregation="max")
+    new = _config(group=4, stride=2, aggregation="max", score=1)
     assert SliceNetConfig.from_dict(json.loads(json.dumps(asdict(new)))) == new
 
 
@@ -312,8 +345,8 @@ def test_defaults_are_todays_configuration():
     assert args.lr_schedule == "constant"
     assert (args.backbone, args.taps, args.channels_per_tap, args.encoder_weights, args.neighbourhood) == \
         ("tf_efficientnet_lite0", "2,3", 64, "imagenet", 1)
-    assert (args.group, args.slab_stride, args.aggregation, args.slab_position, args.blocks) == \
-        (3, None, "mean", True, 8)
+    assert (args.group, args.slab_stride, args.score_stride, args.aggregation, args.slab_position, args.blocks) == \
+        (3, None, 1, "mean", True, 8)
     assert (args.position_norm, args.smoothing_mm, args.guide_radius_mm) == (True, 6.0, 4.0)
     assert args.shape is None and args.spacing is None and args.align is None
     assert grid_config(args, SLICENET_GRID).align == "brain-axes"
@@ -445,7 +478,7 @@ def test_paper_preset_with_explicit_overrides_and_the_encoder_alias(tmp_path):
     assert (args.noise_sigma, args.noise_space, args.lr, args.group, args.blocks, args.slab_position) == \
         (0.08, "raw", 1e-3, 3, 8, False)
     assert (args.neighbourhood, grid_config(args, SLICENET_GRID).align) == (3, "none")  # the paper's
-    assert (args.position_norm, args.smoothing_mm, args.guide_radius_mm) == (False, 4.0, 0.0)
+    assert (args.position_norm, args.smoothing_mm, args.guide_radius_mm, args.score_stride) == (False, 4.0, 0.0, None)
     config = TrainConfig()
     assert (config.spp_beta, config.spp_tau, config.sub_batch) == (0.05, 0.1, 4096)
 

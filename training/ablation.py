@@ -70,7 +70,9 @@ def check_slab_layouts(variants: list[Variant], base_args: list[str]) -> None:
     for variant in variants:
         args = [*base_args, *variant.args]
         group = int(_option(args, "--group") or OPTION_DEFAULTS["group"])
-        error = slab_layout_error(slices, group, int(_option(args, "--slab-stride") or group))
+        score = _option(args, "--score-stride") or OPTION_DEFAULTS["score_stride"]
+        error = slab_layout_error(slices, group, int(_option(args, "--slab-stride") or group),
+                                  None if score is None else int(score))
         if error:
             raise UserError(f"variant {variant.name}: {error}; give --train-options a --shape whose slice count "
                             f"suits every variant (e.g. 72 or 96), or leave the variant out with --variants")
@@ -101,7 +103,8 @@ def plan_variants(switches: list[str], encoder_file: str | None, base_args: list
                 variants.append(Variant(f"group-{other}", switch, f"--group {other} (default {group})",
                                         ["--group", str(other)]))
             variants.append(Variant("stride-1", switch,
-                                    f"--slab-stride 1: overlapping groups of {group} (default: stride = group)",
+                                    f"--slab-stride 1: trains on overlapping groups of {group} too (default: "
+                                    "stride = group, scored every slice)",
                                     ["--slab-stride", "1"]))
             variants.append(Variant("aggregation-max", switch, f"--aggregation max (default {defaults['aggregation']})",
                                     ["--aggregation", "max"]))

@@ -110,16 +110,17 @@ class VolumeItem:
     """
 
     id: str
-    features: object  # torch.Tensor (h, w, slabs, C), standardised later
+    features: object  # torch.Tensor (h, w, scored slabs, C), standardised later
     label: str | None = None
     lesion_bits: Bits | None = None  # on the input grid
     pre: object = None  # Preprocessed, for mapping heatmaps back (slim: only its mapping)
     brain_bits: Bits | None = None  # the input-grid brain voxels the model grid covers
-    keep: object = None  # torch.Tensor of the flat indices of the vectors the flow fits (None: all)
-    cells: object = None  # torch.Tensor (h, w, slabs), bool: the slab vectors whose footprint holds brain
+    keep: object = None  # torch.Tensor of the flat indices into ``trained`` of the vectors the flow fits (None: all)
+    cells: object = None  # torch.Tensor (h, w, scored slabs), bool: the slab vectors whose footprint holds brain
     variant: int = 0  # which placement of its volume (training augmentation; 0 = the placement rule's)
     variants: int = 1  # placements of its volume in all
     guide: object = None  # Guide (guided_filter.py) of a validation volume, for models that refine their maps
+    fit: object = None  # torch.Tensor (h, w, trained slabs, C) when the flow fits only some scored slabs (set in train)
 
     @classmethod
     def of(cls, id: str, features, label: str | None, lesion: np.ndarray | None, pre, keep=None,
@@ -129,6 +130,11 @@ class VolumeItem:
             pre = replace(pre, image=None, brain=None, input_brain=None)
         return cls(id, features, label, None if lesion is None else Bits.of(lesion), pre, brain, keep, cells,
                    variant, variants, guide)
+
+    @property
+    def trained(self):
+        """The slab vectors the flow fits: ``fit``, or all of ``features`` when every scored slab is trained."""
+        return self.features if self.fit is None else self.fit
 
     @property
     def lesion(self) -> np.ndarray | None:
@@ -246,7 +252,7 @@ def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float
             continue
         for variant, pre in placements:
             cells = net.slab_brain(pre.brain)
-            keep = torch.nonzero(cells.flatten())[:, 0] if brain_only else None
+            keep = torch.nonzero(cells[:, :, :: net.config.fit_step].flatten())[:, 0] if brain_only else None
             items.append(VolumeItem.of(case.id, net.features(pre.image, cast).cpu(), case.label, lesion,
                                        pre if keep_maps else None, keep, slim=True, cells=cells,
                                        variant=variant, variants=variants,
@@ -421,11 +427,15 @@ def train(
         if not int(context.all_reduce(torch.tensor([len(stats_items)]))[0]):
             raise UserError("no usable volume for the position statistics; check --position-stats")
 
-    _feature_statistics(net, train_items, context)
+    step = net.config.fit_step  # the flow trains on every step-th scored slab (see SliceNetConfig.score_stride)
+    _feature_statistics(net, train_items, context, step)
     mean, std = net.feature_mean.cpu(), net.feature_std.cpu()
     for item in train_items + val_items + (stats_items if stats_items is not train_items else []):
         item.features = (item.features - mean) / std
-    position = net.position.reshape(-1, net.position.shape[-1]).cpu()
+    if step > 1:
+        for item in train_items:
+            item.fit = item.features[:, :, ::step].contiguous()
+    position = net.position[:, :, ::step].reshape(-1, net.position.shape[-1]).cpu()
     device = net.feature_mean.device
     # Noise in raw feature units is noise / std in the standardised units the flow sees.
     noise = config.noise_sigma if config.noise_space == "standardised" else config.noise_sigma / net.feature_std
@@ -472,7 +482,7 @@ def train(
                                       0.25 + span * (epoch - first_epoch), span):
             for item, pick in group:
                 flat = pick if item.keep is None else item.keep[pick]
-                real = item.features.reshape(-1, net.dim)[flat].to(device)
+                real = item.trained.reshape(-1, net.dim)[flat].to(device)
                 pos = position[flat].to(device)
                 fake = real + noise * torch.randn_like(real)
                 logp = log_likelihood(flow, torch.cat([real, fake]), torch.cat([pos, pos]))
@@ -525,8 +535,9 @@ def train(
                                summary, counts, keep=config.keep)
 
 
-def _feature_statistics(net, items: list[VolumeItem], context: Context) -> None:
-    """Set ``net``'s per-channel feature mean and std from the training vectors of all ranks.
+def _feature_statistics(net, items: list[VolumeItem], context: Context, step: int = 1) -> None:
+    """Set ``net``'s per-channel feature mean and std from the training vectors of all ranks (every
+    ``step``-th slab of each item's features: the ones the flow trains on).
 
     Two passes in float64 (sums, then squared deviations from the pooled mean), each summed over
     the ranks, so every rank standardises identically; no copy of all features is made.
@@ -534,7 +545,7 @@ def _feature_statistics(net, items: list[VolumeItem], context: Context) -> None:
     import torch
 
     def vectors(item: VolumeItem):
-        flat = item.features.reshape(-1, net.dim)
+        flat = item.features[:, :, ::step].reshape(-1, net.dim)
         return (flat if item.keep is None else flat[item.keep]).double()
 
     sums = torch.zeros(net.dim + 1, dtype=torch.float64)
@@ -600,7 +611,7 @@ def _sub_batches(items: list[VolumeItem], size: int, rng: np.random.Generator, c
     groups = []
     for index in rng.permutation(len(items)):
         item = items[index]
-        count = len(item.keep) if item.keep is not None else item.features[..., 0].numel()
+        count = len(item.keep) if item.keep is not None else item.trained[..., 0].numel()
         perm = torch.from_numpy(rng.permutation(count))
         groups.append([(item, perm[start : start + size]) for start in range(0, count, size)])
     own = [entry for group in groups for entry in group]
@@ -726,7 +737,7 @@ OPTION_DEFAULTS = {
     "noise_space": TrainConfig.noise_space, "loss": TrainConfig.loss, "background": TrainConfig.background,
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
-    "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0, "guide_radius_mm": 4.0,
+    "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0, "guide_radius_mm": 4.0, "score_stride": 1,
 }
 # The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
@@ -742,7 +753,7 @@ PRESETS = {
         "shape": "192,192,96", "spacing": "1,1,1", "align": "none", "blocks": 8, "noise_sigma": 0.08,
         "noise_space": "raw", "loss": "spp", "epochs": 30,
         "lr": 1e-3, "lr_schedule": "constant", "group": 3, "aggregation": "mean", "slab_position": False,
-        "position_norm": False, "smoothing_mm": 4.0, "guide_radius_mm": 0.0,
+        "position_norm": False, "smoothing_mm": 4.0, "guide_radius_mm": 0.0, "score_stride": None,
     },
 }
 
@@ -839,6 +850,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--slab-stride", type=int,
                    help="slices from one slab's start to the next (default: --group, slabs do not overlap; smaller "
                         "values overlap them)")
+    p.add_argument("--score-stride", type=int,
+                   help="slices from one scored slab's start to the next at detection and validation (default 1: "
+                        "a slab centred on every slice, slabs the flow did not train on coded in between; must "
+                        "divide the slab stride; --preset paper: the slab stride). Training still fits the "
+                        "slab-stride slabs, but holds the features of every scored slab (3x for groups of 3)")
     p.add_argument("--aggregation", choices=["mean", "max"], help="combine a slab's slices by mean (default) or max")
     p.add_argument("--slab-position", action=argparse.BooleanOptionalAction,
                    help="condition the flow on the slab's position along the slices too (default; the paper's code "
@@ -934,6 +950,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         scoring=ScoringConfig(smoothing_mm=args.smoothing_mm, guide_radius_mm=args.guide_radius_mm),
         group=args.group,
         slab_stride=args.slab_stride,
+        score_stride=args.score_stride,
         aggregation=args.aggregation,
     )
     config.encoder.mean, config.encoder.std = _input_normalisation(args.backbone, args.encoder_weights,

@@ -218,7 +218,7 @@ def _training_modules() -> list:
     import importlib
 
     found = []
-    for name in ("train", "evaluate", "synth", "benchmark", "finetune_encoder", "ablation", "prepare",
+    for name in ("train", "calibrate", "evaluate", "synth", "benchmark", "finetune_encoder", "ablation", "prepare",
                  "paper_protocol"):
         try:
             found.append(importlib.import_module(f"SimpleSliceNetTraining.{name}"))

@@ -23,25 +23,27 @@ class FlowConfig:
         return asdict(self)
 
 
-def positional_codes(h: int, w: int, d: int, dim: int, depth: bool) -> list[torch.Tensor]:
+def positional_codes(h: int, w: int, d: int, dim: int, depth: bool, depth_substeps: int = 1) -> list[torch.Tensor]:
     """Sine/cosine code of each position along each encoded axis (h, w[, d]): tensors (n_axis, size).
 
-    The sizes add up to ``dim``; a grid position's code is the concatenation of its axes' codes.
+    The sizes add up to ``dim``; a grid position's code is the concatenation of its axes' codes. Along
+    d, position k is coded at k / ``depth_substeps``: substeps > 1 code slabs between the ones a flow
+    trained on, whose codes they leave exactly as they were (k = j * substeps).
     """
     parts = 3 if depth else 2
     sizes = [2 * ((dim // parts) // 2)] * parts
     sizes[0] += dim - sum(sizes)  # any remainder goes to the first axis (stays even: dim is even)
     codes = []
-    for size, n in zip(sizes, (h, w, d)[:parts], strict=False):
+    for size, n, substeps in zip(sizes, (h, w, d)[:parts], (1, 1, depth_substeps), strict=False):
         freq = torch.exp(torch.arange(0, size, 2, dtype=torch.float32) * (-math.log(10000.0) / size))
-        angle = torch.arange(n, dtype=torch.float32)[:, None] * freq
+        angle = (torch.arange(n, dtype=torch.float32) / substeps)[:, None] * freq
         codes.append(torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2))
     return codes
 
 
-def positional_encoding(h: int, w: int, d: int, dim: int, depth: bool) -> torch.Tensor:
-    """Sine/cosine encoding of each (h, w[, d]) grid position: tensor (h, w, d, dim)."""
-    codes = positional_codes(h, w, d, dim, depth)
+def positional_encoding(h: int, w: int, d: int, dim: int, depth: bool, depth_substeps: int = 1) -> torch.Tensor:
+    """Sine/cosine encoding of each (h, w[, d]) grid position: tensor (h, w, d, dim) (see ``positional_codes``)."""
+    codes = positional_codes(h, w, d, dim, depth, depth_substeps)
     shape = (h, w, d)
     grids = [code.view(*[n if axis == index else 1 for axis, n in enumerate(shape)], -1).expand(*shape, -1)
              for index, code in enumerate(codes)]

@@ -37,6 +37,11 @@ class SliceNetConfig:
     # Slices between the starts of consecutive slabs; None = ``group`` (non-overlapping slabs, the
     # paper's). Smaller values make slabs overlap.
     slab_stride: int | None = None
+    # Slices between the starts of the slabs detection scores; None = the slab stride. A divisor of it
+    # scores slabs in between the ones the flow trains on (every ``fit_step``-th scored slab), coded at
+    # their fractional position: a lesion is scored by the slab centred on it, not only by the nearest
+    # trained one, and the map's slice-to-slice noise averages out. 1 = a slab centred on every slice.
+    score_stride: int | None = None
     # How the slices of a slab are combined: "mean" (the paper's) or "max" (per channel).
     aggregation: str = "mean"
     # Standardise each slab position's NLL with healthy training statistics (the weights then hold
@@ -46,11 +51,22 @@ class SliceNetConfig:
 
     @property
     def stride(self) -> int:
+        """Slices between the starts of the slabs the flow trains on."""
         return self.group if self.slab_stride is None else self.slab_stride
 
+    @property
+    def scored_stride(self) -> int:
+        """Slices between the starts of the slabs detection scores."""
+        return self.stride if self.score_stride is None else self.score_stride
+
+    @property
+    def fit_step(self) -> int:
+        """The flow trains on every ``fit_step``-th scored slab."""
+        return self.stride // self.scored_stride
+
     def slabs(self, slices: int) -> int:
-        """Number of slabs along a stack of ``slices``."""
-        return (slices - self.group) // self.stride + 1
+        """Number of scored slabs along a stack of ``slices``."""
+        return (slices - self.group) // self.scored_stride + 1
 
     @classmethod
     def from_dict(cls, data: dict) -> SliceNetConfig:
@@ -64,16 +80,20 @@ class SliceNetConfig:
             batch_slices=int(data.get("batch_slices", cls.batch_slices)),
             map_factor=int(data.get("map_factor", 2)),
             slab_stride=None if stride is None else int(stride),
+            score_stride=None if data.get("score_stride") is None else int(data["score_stride"]),  # from 1.4.0
             aggregation=str(data.get("aggregation", "mean")),
             position_norm=bool(data.get("position_norm", False)),  # absent before version 1.2.0 models
         )
 
 
-def slab_layout_error(slices: int, group: int, stride: int) -> str | None:
-    """Why ``slices`` do not split into slabs of ``group`` slices starting every ``stride``, or None."""
+def slab_layout_error(slices: int, group: int, stride: int, score_stride: int | None = None) -> str | None:
+    """Why ``slices`` do not split into slabs of ``group`` slices starting every ``stride`` (scored every
+    ``score_stride``), or None."""
     if not 1 <= stride <= group <= slices or (slices - group) % stride:
         return (f"{slices} slices do not split into groups of {group} slices starting every {stride} "
                 "(need 1 <= stride <= group <= slices and stride dividing slices - group)")
+    if score_stride is not None and not (1 <= score_stride <= stride and stride % score_stride == 0):
+        return f"a score stride of {score_stride} slices does not divide the slab stride of {stride} slices"
     return None
 
 
@@ -83,7 +103,7 @@ class SliceNetModel(nn.Module):
     def __init__(self, config: SliceNetConfig, encoder_weights: str = "none") -> None:
         super().__init__()
         shape = config.preprocess.shape
-        error = slab_layout_error(shape[2], config.group, config.stride)
+        error = slab_layout_error(shape[2], config.group, config.stride, config.score_stride)
         if error:
             raise ValueError(error)
         if config.aggregation not in AGGREGATIONS:
@@ -97,7 +117,8 @@ class SliceNetModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(dim))
         self.flow = build_flow(dim, config.flow)
         h, w = (s // self.encoder.reduction for s in shape[:2])
-        code = positional_encoding(h, w, config.slabs(shape[2]), config.flow.pos_dim, config.flow.pos_depth)
+        code = positional_encoding(h, w, config.slabs(shape[2]), config.flow.pos_dim, config.flow.pos_depth,
+                                   config.fit_step)
         self.register_buffer("position", code, persistent=False)
         self.grid_flow: GridFlow | None = None  # set by specialise_flow for detection
         if config.position_norm:
@@ -142,8 +163,9 @@ class SliceNetModel(nn.Module):
         return ((slabs - self.feature_mean) / self.feature_std).clone()
 
     def aggregate(self, per_slice: torch.Tensor, how: str | None = None) -> torch.Tensor:
-        """(Z, ...) per-slice values -> (slabs, ...): slab j combines slices j*stride .. j*stride + group - 1."""
-        windows = per_slice.unfold(0, self.config.group, self.config.stride)  # (slabs, ..., group)
+        """(Z, ...) per-slice values -> (scored slabs, ...): slab j combines slices j*s .. j*s + group - 1
+        (s = ``scored_stride``)."""
+        windows = per_slice.unfold(0, self.config.group, self.config.scored_stride)  # (slabs, ..., group)
         return windows.amax(-1) if (how or self.config.aggregation) == "max" else windows.mean(-1)
 
     def slab_brain(self, brain: np.ndarray) -> torch.Tensor:
@@ -168,7 +190,8 @@ class SliceNetModel(nn.Module):
             return False
         h, w, d = self.position.shape[:3]
         cfg = self.config.flow
-        self.grid_flow = GridFlow(self.flow, positional_codes(h, w, d, cfg.pos_dim, cfg.pos_depth), (h, w, d))
+        codes = positional_codes(h, w, d, cfg.pos_dim, cfg.pos_depth, self.config.fit_step)
+        self.grid_flow = GridFlow(self.flow, codes, (h, w, d))
         return True
 
     def nll_grid(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -221,7 +244,7 @@ class SliceNetModel(nn.Module):
         if cfg.position_norm:
             nll = (nll - self.nll_mean) / self.nll_std
         shape = [n // cfg.map_factor for n in cfg.preprocess.shape]
-        if cfg.stride == cfg.group:
+        if cfg.scored_stride == cfg.group:
             # Slabs tile the slices: trilinear resizing puts every slab value at its slab's centre.
             up = F.interpolate(nll[None, None].float(), size=shape, mode="trilinear", align_corners=False)
         else:
@@ -233,7 +256,7 @@ class SliceNetModel(nn.Module):
     def _overlapping_slabs_to_map(self, nll: torch.Tensor, shape: list[int]) -> torch.Tensor:
         """(h, w, slabs) -> map grid ``shape``: bilinear in-plane, linear between slab centres along the slices.
 
-        Slab j is centred on model slice j*stride + (group-1)/2 and map slice c on model slice
+        Slab j is centred on model slice j*s + (group-1)/2 (s = ``scored_stride``) and map slice c on model slice
         f*c + (f-1)/2 (f = map_factor); beyond the first and last slab centres the value is held, as
         trilinear resizing does for tiling slabs.
         """
@@ -241,7 +264,7 @@ class SliceNetModel(nn.Module):
         plane = F.interpolate(nll.permute(2, 0, 1)[None], size=shape[:2], mode="bilinear", align_corners=False)[0]
         n = plane.shape[0]
         centre = (f * torch.arange(shape[2], dtype=torch.float32, device=nll.device) + (f - 1) / 2.0)
-        u = ((centre - (cfg.group - 1) / 2.0) / cfg.stride).clamp(0, n - 1)
+        u = ((centre - (cfg.group - 1) / 2.0) / cfg.scored_stride).clamp(0, n - 1)
         lo = u.floor().long()
         hi = (lo + 1).clamp(max=n - 1)
         t = (u - lo).view(-1, 1, 1)
