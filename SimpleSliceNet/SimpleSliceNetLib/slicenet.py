@@ -34,8 +34,8 @@ class SliceNetConfig:
     batch_slices: int = 8
     # The heatmap is computed on the model grid coarsened by this factor: it is smooth anyway.
     map_factor: int = 2
-    # Slices between the starts of consecutive slabs; None = ``group`` (non-overlapping slabs, the
-    # paper's). Smaller values make slabs overlap.
+    # Slices between the starts of the slabs the flow trains on; None = ``group`` (non-overlapping
+    # slabs, the paper's). Smaller values make slabs overlap.
     slab_stride: int | None = None
     # Slices between the starts of the slabs detection scores; None = the slab stride. A divisor of it
     # scores slabs in between the ones the flow trains on (every ``fit_step``-th scored slab), coded at
