@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from SimpleSliceNetLib.errors import ModelFileError, UserError
+from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
 
 # The state a calibration computes; everything else in the weights is kept.
@@ -28,6 +28,7 @@ def calibrated_net(model, stats_cases: list, val_cases: list, progress: Progress
                    fpr: float = 1e-3):
     """``model``'s (a ModelFile) SliceNetModel with the given scoring options, its position statistics from
     ``stats_cases`` (healthy) and its heatmap scale and threshold from ``val_cases``."""
+    from SimpleSliceNetLib.detector import load_weights
     from SimpleSliceNetLib.slicenet import SliceNetConfig, SliceNetModel
 
     from .distributed import Context
@@ -44,11 +45,7 @@ def calibrated_net(model, stats_cases: list, val_cases: list, progress: Progress
         net = SliceNetModel(config, encoder_weights="none")
     except ValueError as exc:
         raise UserError(f"{model.path}: {exc}") from exc
-    state = {k: v for k, v in net.without_untapped_stages(model.load_weights()).items() if k not in RECOMPUTED}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if set(missing) - set(RECOMPUTED) or unexpected:
-        raise ModelFileError(f"{model.weights_path}: weights do not match the configuration "
-                             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    load_weights(net, model, RECOMPUTED)
     net.eval()
     healthy_val = [case for case in val_cases if case.label == "healthy"]
     if not healthy_val:

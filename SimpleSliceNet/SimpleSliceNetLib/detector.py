@@ -42,16 +42,23 @@ def build_model(model: ModelFile) -> torch.nn.Module:
             net = SliceNetModel(SliceNetConfig.from_dict(model.config), encoder_weights="none")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{model.path}: invalid configuration ({exc})") from exc
+    load_weights(net, model)
+    return net.eval()
+
+
+def load_weights(net: torch.nn.Module, model: ModelFile, recomputed: tuple[str, ...] = ()) -> None:
+    """Load ``model``'s weights into ``net``: every tensor must match, except the ``recomputed`` ones, which
+    are left out (the caller computes them again, e.g. for another slab layout)."""
     state = model.load_weights()
     if isinstance(net, SliceNetModel):
         state = net.without_untapped_stages(state)
+    state = {key: value for key, value in state.items() if key not in recomputed}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if set(missing) - set(recomputed) or unexpected:
         raise ModelFileError(
             f"{model.weights_path}: weights do not match the configuration "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
         )
-    return net.eval()
 
 
 def prepare_for_inference(net: SliceNetModel, device: str, autocast: torch.dtype | None) -> None:
