@@ -352,6 +352,36 @@ def test_defaults_are_todays_configuration():
     assert grid_config(args, SLICENET_GRID).align == "brain-axes"
 
 
+def test_encoder_precision_is_the_detections_unless_asked_and_sets_the_features_the_flow_trains_on(tmp_path):
+    from SimpleSliceNetLib.devices import autocast_dtype, encoder_autocast
+    from SimpleSliceNetTraining.datasets import Case
+
+    assert _train_args().encoder_precision == "auto" == TrainConfig().encoder_precision
+    assert encoder_autocast("auto", "cpu") is autocast_dtype("cpu") is None
+    assert encoder_autocast("fp32", "cuda") is None and encoder_autocast("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="encoder precision"):
+        encoder_autocast("fp16", "cpu")
+    with pytest.raises(SystemExit):
+        _train_args("--encoder-precision", "fp16")
+    shape = (70, 60, 30)
+    affine = grid_affine(shape, (3.0, 3.0, 6.0))
+    save_volume(tmp_path / "v.nii.gz", phantom(shape, affine), affine)
+    case = Case("v", tmp_path / "v.nii.gz", None, "healthy", "train")
+    torch.manual_seed(0)
+    net = SliceNetModel(_config(), encoder_weights="none").eval()
+
+    def features(precision):
+        items = train._extract(net, [case], Progress("train", "none"), "encoding", (0.0, 1.0), keep_maps=False,
+                               precision=precision)
+        return items[0].features
+
+    fp32, bf16 = features("auto"), features("bf16")
+    torch.testing.assert_close(fp32, features("fp32"), rtol=0, atol=0)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(fp32, bf16)  # bf16 rounding reaches the flow's inputs ...
+    torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.1 * float(fp32.abs().max()))  # ... and no more
+
+
 def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):
     args = _train_args("--neighbourhood", "1")
     train.resolve_options(args)

@@ -51,3 +51,18 @@ def autocast_dtype(device: str):
     # both, and bf16 moved the default model's heatmap by up to 1.4 (its threshold is 1.6), so a
     # heatmap would depend on which CPU computed it. Emulated bf16 (most CPUs) is slower still. MPS: fp32.
     return None
+
+
+# Encoder precisions training can ask for: auto = the detection's on the device (autocast_dtype).
+ENCODER_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def encoder_autocast(precision: str, device: str):
+    """The encoder's autocast dtype (None = fp32) for an ``ENCODER_PRECISIONS`` value on ``device``."""
+    import torch
+
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"encoder precision must be one of {', '.join(ENCODER_PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return autocast_dtype(device)
+    return torch.bfloat16 if precision == "bf16" else None
