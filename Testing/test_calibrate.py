@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from SimpleSliceNetLib.model_file import read_model_file
+from SimpleSliceNetLib.model_file import read_model_file, resolve_model
 
 RECOMPUTED = {"nll_mean", "nll_std"}
 
@@ -92,3 +92,24 @@ def test_the_model_given_is_never_overwritten_and_statistics_need_volumes(tiny_m
                    "--output-dir", str(tiny_model.output_dir))
     assert done.returncode == 1 and "give --stats with healthy volumes" in done.stderr
     assert not (tiny_model.output_dir / "x.json").exists()
+
+
+def test_the_encoder_precision_calibrated_in_is_the_one_detection_uses_on_every_device(tiny_model, synth_set,
+                                                                                      tmp_path):
+    from SimpleSliceNetLib.detector import Detector
+
+    done = _calibrate(tiny_model, synth_set, tmp_path, "bf16", "--encoder-precision", "bf16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    trained, bf16 = load_file(tiny_model.json.with_suffix(".safetensors")), load_file(tmp_path / "bf16.safetensors")
+    assert all(torch.equal(trained[k], bf16[k]) for k in set(trained) - RECOMPUTED)
+    assert not torch.equal(trained["nll_mean"], bf16["nll_mean"])  # computed on bf16 features
+    assert read_model_file(tmp_path / "bf16.json").config["scoring"]["encoder_precision"] == "bf16"
+    assert Detector.load(tmp_path / "bf16.json", "cpu").autocast is torch.bfloat16
+    # Files written before the setting (the bundled default model) were calibrated on fp32 features.
+    assert "encoder_precision" not in resolve_model(None).config["scoring"]
+    assert Detector.load(None, "cpu").autocast is None and Detector.load(tiny_model.json, "cpu").autocast is None
+    done = run_cli("detect", str(synth_set.test_lesion), "--model", str(tmp_path / "bf16.json"), "--output-dir",
+                   str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _calibrate(tiny_model, synth_set, tmp_path, "bad", "--encoder-precision", "fp16")
+    assert done.returncode != 0 and "invalid choice: 'fp16'" in done.stderr and not (tmp_path / "bad.json").exists()

@@ -208,7 +208,7 @@ def test_scoring_every_slice_leaves_the_flows_training_as_it_was(synth_set, tmp_
 
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
     from SimpleSliceNetLib.detector import build_model
-    from SimpleSliceNetLib.devices import autocast_dtype
+    from SimpleSliceNetLib.devices import encoder_autocast
     from SimpleSliceNetLib.model_file import read_model_file
     from SimpleSliceNetLib.preprocess import preprocess
     from SimpleSliceNetLib.progress import Progress
@@ -218,7 +218,7 @@ def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_se
     net = build_model(read_model_file(tiny_model.json))
     case = load_cases(synth_set.manifest, split="train")[0]
     items = train._with_maps(net, [case], Progress("train", "none"))
-    cast = autocast_dtype("cpu")  # what training and detection use on this device
+    cast = encoder_autocast(net.config.scoring.encoder_precision)  # what training and detection use
     expected = net.features(preprocess(load_volume(case.image), net.config.preprocess).image, cast)
     torch.testing.assert_close(items[0].features, expected)
 

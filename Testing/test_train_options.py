@@ -352,15 +352,18 @@ def test_defaults_are_todays_configuration():
     assert grid_config(args, SLICENET_GRID).align == "brain-axes"
 
 
-def test_encoder_precision_is_the_detections_unless_asked_and_sets_the_features_the_flow_trains_on(tmp_path):
-    from SimpleSliceNetLib.devices import autocast_dtype, encoder_autocast
+def test_encoder_precision_is_fp32_unless_asked_and_sets_the_features_the_flow_trains_on(tmp_path):
+    from SimpleSliceNetLib.devices import encoder_autocast
+    from SimpleSliceNetLib.scoring import ScoringConfig
     from SimpleSliceNetTraining.datasets import Case
 
-    assert _train_args().encoder_precision == "auto" == TrainConfig().encoder_precision
-    assert encoder_autocast("auto", "cpu") is autocast_dtype("cpu") is None
-    assert encoder_autocast("fp32", "cuda") is None and encoder_autocast("bf16", "cpu") is torch.bfloat16
-    with pytest.raises(ValueError, match="encoder precision"):
-        encoder_autocast("fp16", "cpu")
+    args = _train_args()
+    train.resolve_options(args)
+    assert args.encoder_precision == "fp32" == ScoringConfig().encoder_precision
+    assert encoder_autocast("fp32") is None and encoder_autocast("bf16") is torch.bfloat16
+    for bad in (lambda: encoder_autocast("fp16"), lambda: ScoringConfig(encoder_precision="fp16")):
+        with pytest.raises(ValueError, match="encoder precision 'fp16'"):
+            bad()
     with pytest.raises(SystemExit):
         _train_args("--encoder-precision", "fp16")
     shape = (70, 60, 30)
@@ -371,12 +374,11 @@ def test_encoder_precision_is_the_detections_unless_asked_and_sets_the_features_
     net = SliceNetModel(_config(), encoder_weights="none").eval()
 
     def features(precision):
-        items = train._extract(net, [case], Progress("train", "none"), "encoding", (0.0, 1.0), keep_maps=False,
-                               precision=precision)
+        net.config.scoring.encoder_precision = precision
+        items = train._extract(net, [case], Progress("train", "none"), "encoding", (0.0, 1.0), keep_maps=False)
         return items[0].features
 
-    fp32, bf16 = features("auto"), features("bf16")
-    torch.testing.assert_close(fp32, features("fp32"), rtol=0, atol=0)
+    fp32, bf16 = features("fp32"), features("bf16")
     assert fp32.dtype == bf16.dtype == torch.float32
     assert not torch.equal(fp32, bf16)  # bf16 rounding reaches the flow's inputs ...
     torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.1 * float(fp32.abs().max()))  # ... and no more

@@ -4,8 +4,9 @@ The encoder, the feature statistics and the flow stay exactly as trained. What a
 healthy volumes after training is computed again: the per-slab-position NLL statistics (from
 ``--stats`` volumes, as ``train`` does from its training volumes) and the heatmap's scale and
 threshold (from ``--val``, by train's ``set_threshold``). Scoring options may change on the way
-(``--score-stride``, ``--smoothing-mm``, ``--guide-radius-mm``): the way to try them on a trained
-flow without training it again, or to calibrate a model on a site's own healthy scans.
+(``--score-stride``, ``--smoothing-mm``, ``--guide-radius-mm``, ``--encoder-precision``): the way to
+try them on a trained flow without training it again, or to calibrate a model on a site's own
+healthy scans.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
+from SimpleSliceNetLib.scoring import ENCODER_PRECISIONS
 
 # The state a calibration computes; everything else in the weights is kept.
 RECOMPUTED = ("nll_mean", "nll_std")
@@ -25,7 +27,7 @@ RECOMPUTED = ("nll_mean", "nll_std")
 
 def calibrated_net(model, stats_cases: list, val_cases: list, progress: Progress, score_stride: int | None = None,
                    smoothing_mm: float | None = None, guide_radius_mm: float | None = None,
-                   fpr: float = 1e-3):
+                   fpr: float = 1e-3, encoder_precision: str | None = None):
     """``model``'s (a ModelFile) SliceNetModel with the given scoring options, its position statistics from
     ``stats_cases`` (healthy) and its heatmap scale and threshold from ``val_cases``."""
     from SimpleSliceNetLib.detector import load_weights
@@ -37,7 +39,7 @@ def calibrated_net(model, stats_cases: list, val_cases: list, progress: Progress
     if model.method != "simpleslicenet":
         raise UserError(f"{model.path}: calibrate sets the scoring of simpleslicenet models, not {model.method}")
     config = SliceNetConfig.from_dict(model.config)
-    given = {"smoothing_mm": smoothing_mm, "guide_radius_mm": guide_radius_mm}
+    given = {"smoothing_mm": smoothing_mm, "guide_radius_mm": guide_radius_mm, "encoder_precision": encoder_precision}
     scoring = replace(config.scoring, **{k: v for k, v in given.items() if v is not None})
     config = replace(config, scoring=scoring,
                      score_stride=config.score_stride if score_stride is None else score_stride)
@@ -86,6 +88,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--score-stride", type=int, help="slices between scored slabs (see `train --score-stride`)")
     p.add_argument("--smoothing-mm", type=float, help="Gaussian sigma of the heatmap in mm")
     p.add_argument("--guide-radius-mm", type=float, help="guided refinement window half-width in mm (0 = off)")
+    p.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS,
+                   help="precision of the encoder features to calibrate on, which detection then computes on every "
+                        "device (default: the model's; e.g. fp32 for a flow trained with --encoder-precision bf16)")
     p.add_argument("--calibration-fpr", type=float, default=1e-3,
                    help="voxel false-positive rate on the healthy validation volumes that is 1 on the heatmap's scale")
     from .datasets import add_dataset_arguments
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     val_cases = load_cases(args.val, split=args.val_split, **data)
     progress.emit("start", total=1)
     net = calibrated_net(model, stats_cases, val_cases, progress, args.score_stride, args.smoothing_mm,
-                         args.guide_radius_mm, args.calibration_fpr)
+                         args.guide_radius_mm, args.calibration_fpr, args.encoder_precision)
     training = dict(model.training)
     training["calibrated"] = {
         "from": f"{model.id} {model.version} ({model.sha256[:12]})",

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from SimpleSliceNetLib.devices import ENCODER_PRECISIONS
 from SimpleSliceNetLib.errors import UserError
 from SimpleSliceNetLib.progress import Progress
+from SimpleSliceNetLib.scoring import ENCODER_PRECISIONS
 from SimpleSliceNetLib.volume_io import atomic_path
 
 from .distributed import Context
@@ -64,11 +64,6 @@ class TrainConfig:
     # Placements of each training volume's model grid: 1 = the placement rule's only; K > 1 adds K - 1
     # jittered ones (JITTER_*) and each epoch fits one of the K per volume, drawn at random.
     augment: int = 1
-    # Precision of the encoder's features the flow trains on ("auto": the one detection uses on the
-    # device, fp32 on the CPU; "bf16": bfloat16 autocast, which CPU training used before 2026-12-06
-    # where the CPU had native bf16; devices.ENCODER_PRECISIONS). Validation and the stored statistics
-    # use it too: with a precision detection does not use, `simpleslicenet calibrate` matches them.
-    encoder_precision: str = "auto"
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -223,9 +218,9 @@ def flow_loss(logp_real, logp_fake, config: TrainConfig, epoch: int):
 
 
 def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float], keep_maps: bool,
-             brain_only: bool = False, variants: int = 1, seed: int = 0, precision: str = "auto"):
-    """Preprocess and encode every case (in the encoder ``precision``, devices.ENCODER_PRECISIONS); with
-    ``brain_only`` note which vectors touch the brain.
+             brain_only: bool = False, variants: int = 1, seed: int = 0):
+    """Preprocess and encode every case in the model's encoder precision (the features detection will
+    compute); with ``brain_only`` note which vectors touch the brain.
 
     ``variants`` > 1 encodes each case that many times: as placed by the rule, then on jittered grids
     (``placement_jitter``, seeded by ``seed`` and the case id, so a run can be repeated).
@@ -241,7 +236,7 @@ def _extract(net, cases, progress: Progress, desc: str, span: tuple[float, float
 
     from .datasets import load_mask
 
-    cast = encoder_autocast(precision, net.feature_mean.device.type)
+    cast = encoder_autocast(net.config.scoring.encoder_precision)
     config = net.config.preprocess
     items = []
     for case in progress.iterate(cases, len(cases), desc, *span):
@@ -420,18 +415,17 @@ def train(
     started = time.perf_counter()
     train_items = _extract(net, context.shard(train_cases), progress, "encoding training volumes", (0.0, 0.2),
                            keep_maps=False, brain_only=config.background == "mask", variants=config.augment,
-                           seed=config.seed, precision=config.encoder_precision)
+                           seed=config.seed)
     train_volumes, empty_ranks = context.all_reduce(
         torch.tensor([len(train_items) // config.augment, 0 if train_items else 1])).tolist()
     if empty_ranks:
         where = f" on {empty_ranks} of {context.world_size} ranks; use fewer processes or" if context.active else ";"
         raise UserError(f"no usable training volume{where} check the training data")
-    val_items = _extract(net, val_cases, progress, "encoding validation volumes", (0.2, 0.03), keep_maps=True,
-                         precision=config.encoder_precision)
+    val_items = _extract(net, val_cases, progress, "encoding validation volumes", (0.2, 0.03), keep_maps=True)
     stats_items = train_items
     if stats_cases and config.position_norm:
         stats_items = _extract(net, context.shard(stats_cases), progress, "encoding statistics volumes", (0.23, 0.02),
-                               keep_maps=False, precision=config.encoder_precision)
+                               keep_maps=False)
         if not int(context.all_reduce(torch.tensor([len(stats_items)]))[0]):
             raise UserError("no usable volume for the position statistics; check --position-stats")
 
@@ -534,8 +528,7 @@ def train(
     calibration_items = healthy_val
     if not calibration_items:
         progress.info("no healthy validation volumes: calibrating the threshold on training volumes (optimistic)")
-        calibration_items = _with_maps(net, train_cases[: min(8, len(train_cases))], progress,
-                                       config.encoder_precision)
+        calibration_items = _with_maps(net, train_cases[: min(8, len(train_cases))], progress)
     set_threshold(net, calibration_items, val_items, config.calibration_fpr)
     counts = {"train_volumes": train_volumes, "val_volumes": len(val_items)}
     if context.active:
@@ -699,9 +692,9 @@ def write_trained_model(output: Path, net, method: str, model_config: dict, hist
     return path
 
 
-def _with_maps(net, cases, progress, precision: str = "auto"):
+def _with_maps(net, cases, progress):
     # Feature statistics are set by now, so net.features() already standardises.
-    return _extract(net, cases, progress, "calibrating", (0.95, 0.04), keep_maps=True, precision=precision)
+    return _extract(net, cases, progress, "calibrating", (0.95, 0.04), keep_maps=True)
 
 
 def _selected_row(history: History, keep: str = "best") -> dict:
@@ -747,11 +740,12 @@ OPTION_DEFAULTS = {
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
     "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0, "guide_radius_mm": 4.0, "score_stride": 1,
+    "encoder_precision": "fp32",
 }
 # The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
     *(key for key in OPTION_DEFAULTS if key not in ("epochs", "lr")), "triplet_margin", "keep", "slab_stride",
-    "position_stats", "augment", "encoder_precision",
+    "position_stats", "augment",
 )
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
@@ -842,12 +836,11 @@ def add_parser(subparsers) -> None:
                    help=f"placements of each training volume's grid: the rule's and K - 1 jittered ones (up to "
                         f"{JITTER_SHIFT_MM:g} mm, {JITTER_DEGREES:g} degrees, {100 * JITTER_SCALE:g} %% size); each "
                         "epoch fits one per volume. Encodes K times the volumes (memory, time); default 1")
-    p.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default=TrainConfig.encoder_precision,
-                   help="precision of the encoder features the flow trains on: auto (default) = what detection "
-                        "uses on the device (fp32 on the CPU, bf16/fp16 on CUDA); fp32; bf16 (bfloat16 autocast, as "
-                        "CPU training did before 2026-12-06 on CPUs with native bf16: reproduces the bundled "
-                        "default model's flow). Validation and the stored statistics use it too; when detection "
-                        "will not, run simpleslicenet calibrate on the model")
+    p.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS,
+                   help="precision of the encoder features: fp32 (default) or bf16 (bfloat16 autocast, as CPU "
+                        "training did until 2026-12-06 on CPUs with native bf16: the bundled flow's). The flow "
+                        "trains on them, the statistics and threshold are computed on them and detection computes "
+                        "them so on every device (calibrate --encoder-precision changes it later)")
     p.add_argument("--calibration-fpr", type=float, default=TrainConfig.calibration_fpr,
                    help="voxel false-positive rate on healthy validation volumes that sets the threshold")
     p.add_argument("--seed", type=int, default=0)
@@ -936,7 +929,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         progress = Progress(progress.task, "none")  # rank 0 reports for the job
     import torch
 
-    from SimpleSliceNetLib.devices import autocast_dtype, choose_device, encoder_autocast
+    from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
     from SimpleSliceNetLib.resources import user_models_dir
@@ -962,7 +955,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         encoder=EncoderConfig(backbone=args.backbone, taps=parse_numbers(args.taps, "taps", int),
                               channels_per_tap=args.channels_per_tap, neighbourhood=args.neighbourhood),
         flow=FlowConfig(blocks=args.blocks, pos_depth=args.slab_position),
-        scoring=ScoringConfig(smoothing_mm=args.smoothing_mm, guide_radius_mm=args.guide_radius_mm),
+        scoring=ScoringConfig(smoothing_mm=args.smoothing_mm, guide_radius_mm=args.guide_radius_mm,
+                              encoder_precision=args.encoder_precision),
         group=args.group,
         slab_stride=args.slab_stride,
         score_stride=args.score_stride,
@@ -991,8 +985,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                                noise_sigma=args.noise_sigma, noise_space=args.noise_space, loss=args.loss,
                                triplet_margin=args.triplet_margin, background=args.background, seed=args.seed,
                                calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min,
-                               position_norm=args.position_norm, keep=args.keep, augment=args.augment,
-                               encoder_precision=args.encoder_precision)
+                               position_norm=args.position_norm, keep=args.keep, augment=args.augment)
     summary = {
         "name": args.name,
         "modality": args.modality,
@@ -1016,9 +1009,6 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if path is None:
         return 0
     progress.emit("output", files={"model": str(path)})
-    if encoder_autocast(args.encoder_precision, "cpu") != autocast_dtype("cpu"):
-        progress.info(f"the statistics and threshold in {path} come from {args.encoder_precision} encoder features; "
-                      "detection on the CPU computes fp32 ones: run simpleslicenet calibrate on this model for CPU use")
     progress.emit("done", ok=1, failed=0, elapsed_s=round(progress.elapsed, 1))
     print(f"model written: {path}", file=sys.stderr)
     return 0

@@ -169,11 +169,11 @@ def slice_set(items: list[VolumeItem], min_roi_patches: int, patch: int) -> Slic
 
 def _heatmap(net, item: VolumeItem) -> np.ndarray:
     """The model's current heatmap of a validation item on its input grid (as ``detect`` computes it)."""
-    from SimpleSliceNetLib.devices import autocast_dtype
+    from SimpleSliceNetLib.devices import encoder_autocast
     from SimpleSliceNetLib.u2ad import analyse
 
     net.eval()
-    heat = analyse(net, item.pre, autocast_dtype(net.device.type), extras=False).heatmap
+    heat = analyse(net, item.pre, encoder_autocast(net.config.scoring.encoder_precision), extras=False).heatmap
     net.train()
     return heat
 

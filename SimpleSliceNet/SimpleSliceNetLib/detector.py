@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .devices import autocast_dtype, choose_device
+from .devices import choose_device, encoder_autocast
 from .errors import ModelFileError
 from .model_file import ModelFile, resolve_model
 from .preprocess import preprocess
@@ -85,7 +85,8 @@ class Detector:
         self.model = model
         self.device = choose_device(device)
         self.net = build_model(model).to(self.device.name)
-        self.autocast = autocast_dtype(self.device.name)
+        # The precision the model was calibrated in, on every device: a finding must not depend on it.
+        self.autocast = encoder_autocast(self.net.config.scoring.encoder_precision)
         if isinstance(self.net, SliceNetModel):
             prepare_for_inference(self.net, self.device.name, self.autocast)
         self.load_seconds = time.perf_counter() - started

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
+from .scoring import precision_error
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -41,28 +42,26 @@ def choose_device(requested: str = "auto") -> DeviceChoice:
 
 
 def autocast_dtype(device: str):
-    """Reduced precision for the frozen encoder where it helps (CUDA), else None (fp32)."""
+    """The fastest reduced precision of an encoder on ``device`` (CUDA), else None (fp32).
+
+    Only the benchmark's paper-engine timing uses it: detection computes features in the precision the
+    model was calibrated in (``encoder_autocast``), since bf16 features move the default model's
+    heatmap by up to 2.5 (its threshold is 1.9) and a finding must not depend on the device. On the
+    CPU fp32 is also the faster: on a Xeon with AMX the frozen fp32 encoder took 0.24 s a volume
+    against 0.28 s in bf16 autocast; emulated bf16 (most CPUs) is slower still.
+    """
     import torch
 
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # The CPU runs fp32, even with native bf16: on a Xeon with AMX, SimpleSliceNet's frozen fp32 encoder
-    # (prepare_for_inference) took 0.24 s a volume against 0.28 s in bf16 autocast, U2AD ran as fast in
-    # both, and bf16 moved the default model's heatmap by up to 1.4 (its threshold is 1.6), so a
-    # heatmap would depend on which CPU computed it. Emulated bf16 (most CPUs) is slower still. MPS: fp32.
     return None
 
 
-# Encoder precisions training can ask for: auto = the detection's on the device (autocast_dtype).
-ENCODER_PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def encoder_autocast(precision: str, device: str):
-    """The encoder's autocast dtype (None = fp32) for an ``ENCODER_PRECISIONS`` value on ``device``."""
+def encoder_autocast(precision: str):
+    """The encoder's autocast dtype (None = fp32) for a model's ``scoring.encoder_precision``."""
     import torch
 
-    if precision not in ENCODER_PRECISIONS:
-        raise ValueError(f"encoder precision must be one of {', '.join(ENCODER_PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return autocast_dtype(device)
+    error = precision_error(precision)
+    if error:
+        raise ValueError(error)
     return torch.bfloat16 if precision == "bf16" else None

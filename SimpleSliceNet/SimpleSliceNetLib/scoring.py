@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Precisions of the encoder's features a model can be calibrated in (ScoringConfig.encoder_precision).
+ENCODER_PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class ScoringConfig:
@@ -23,9 +26,13 @@ class ScoringConfig:
     scale: float = 1.0
     threshold: float = 1.0
     calibration: dict = field(default_factory=dict)
+    # Precision of the encoder features offset, scale, threshold (and per-position statistics) were
+    # computed on: detection computes its features so on every device ("fp32" or "bf16").
+    encoder_precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for error in (smoothing_error(self.smoothing_mm), guide_error(self.guide_radius_mm, self.guide_eps)):
+        for error in (smoothing_error(self.smoothing_mm), guide_error(self.guide_radius_mm, self.guide_eps),
+                      precision_error(self.encoder_precision)):
             if error:
                 raise ValueError(error)
 
@@ -34,6 +41,13 @@ def smoothing_error(sigma_mm: float) -> str | None:
     """Why ``sigma_mm`` cannot be the heatmap's Gaussian sigma, or None."""
     if not math.isfinite(sigma_mm) or sigma_mm < 0:
         return f"smoothing-mm {sigma_mm:g}: give a sigma of 0 mm (no smoothing) or more"
+    return None
+
+
+def precision_error(precision: str) -> str | None:
+    """Why ``precision`` cannot be a model's encoder precision, or None."""
+    if precision not in ENCODER_PRECISIONS:
+        return f"encoder precision {precision!r}: choose one of {', '.join(ENCODER_PRECISIONS)}"
     return None
 
 
