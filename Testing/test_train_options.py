@@ -384,6 +384,25 @@ def test_encoder_precision_is_fp32_unless_asked_and_sets_the_features_the_flow_t
     torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.1 * float(fp32.abs().max()))  # ... and no more
 
 
+def test_healthy_vectors_are_jittered_only_when_asked_and_less_than_the_synthetic_anomalies():
+    real = torch.randn(20000, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    same, fake = train.training_pair(real, 0.3)
+    after = torch.randn(1)
+    assert same is real and abs(float((fake - real).std()) - 0.3) < 0.01
+    torch.manual_seed(1)
+    torch.randn_like(real)
+    torch.testing.assert_close(torch.randn(1), after)  # one draw only: runs without jitter repeat to the bit
+    jittered, fake = train.training_pair(real, 0.3, 0.1)
+    assert abs(float((jittered - real).std()) - 0.1) < 0.005 and abs(float((fake - jittered).std()) - 0.3) < 0.01
+    args = _train_args()
+    train.resolve_options(args)
+    assert args.real_noise_sigma == 0.0 == TrainConfig().real_noise_sigma
+    for bad in ("-0.1", "0.3", "nan"):
+        with pytest.raises(UserError, match=f"--real-noise-sigma {bad}: give 0"):
+            train.resolve_options(_train_args("--real-noise-sigma", bad))
+
+
 def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):
     args = _train_args("--neighbourhood", "1")
     train.resolve_options(args)

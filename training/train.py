@@ -42,6 +42,10 @@ class TrainConfig:
     # paper's N(0, 0.08^2) is raw).
     noise_sigma: float = 0.3
     noise_space: str = "standardised"
+    # Std of Gaussian noise added to the healthy vectors themselves (standardised units; 0 = none): each
+    # position has one vector per training subject, and the jitter keeps the flow from fitting those
+    # few points tighter than a new subject's vector falls.
+    real_noise_sigma: float = 0.0
     # "spp": focal ML + BGAD's Semi-Push-Pull (the paper); "triplet": the public code's later variant.
     loss: str = "spp"
     triplet_margin: float = 1.0
@@ -208,6 +212,16 @@ def triplet_loss(logp_real, logp_fake, config: TrainConfig):
         loss = loss + term
         parts["triplet"] = term.item()
     return loss, parts
+
+
+def training_pair(real, noise, real_noise: float = 0.0):
+    """The healthy vectors the flow fits (jittered by ``real_noise``) and their synthetic anomalies (plus
+    ``noise``). Without jitter no random number is drawn for it, so such runs repeat to the bit."""
+    import torch
+
+    if real_noise > 0:
+        real = real + real_noise * torch.randn_like(real)
+    return real, real + noise * torch.randn_like(real)
 
 
 def flow_loss(logp_real, logp_fake, config: TrainConfig, epoch: int):
@@ -486,7 +500,7 @@ def train(
                 flat = pick if item.keep is None else item.keep[pick]
                 real = item.trained.reshape(-1, net.dim)[flat].to(device)
                 pos = position[flat].to(device)
-                fake = real + noise * torch.randn_like(real)
+                real, fake = training_pair(real, noise, config.real_noise_sigma)
                 logp = log_likelihood(flow, torch.cat([real, fake]), torch.cat([pos, pos]))
                 loss, parts = flow_loss(logp[: len(flat)], logp[len(flat) :], config, epoch)
                 optimizer.zero_grad(set_to_none=True)
@@ -745,7 +759,7 @@ OPTION_DEFAULTS = {
 # The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
     *(key for key in OPTION_DEFAULTS if key not in ("epochs", "lr")), "triplet_margin", "keep", "slab_stride",
-    "position_stats", "augment",
+    "position_stats", "augment", "real_noise_sigma",
 )
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
@@ -782,6 +796,10 @@ def resolve_options(args: argparse.Namespace) -> None:
             raise UserError(f"--{error}")
     if args.method == "simpleslicenet" and args.augment < 1:
         raise UserError(f"--augment {args.augment}: give 1 (no placement jitter) or more placements per volume")
+    if not math.isfinite(args.real_noise_sigma) or args.real_noise_sigma < 0 or \
+            (args.real_noise_sigma > 0 and args.real_noise_sigma >= args.noise_sigma):
+        raise UserError(f"--real-noise-sigma {args.real_noise_sigma:g}: give 0 (none) or more, below --noise-sigma "
+                        f"({args.noise_sigma:g}), or healthy vectors look like the synthetic anomalies")
     if args.position_stats and not args.position_norm:
         raise UserError("--position-stats gives volumes for the per-position statistics, which --no-position-norm "
                         "(or --preset paper) turns off; drop one of them")
@@ -821,6 +839,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--noise-space", choices=NOISE_SPACES,
                    help="units of --noise-sigma: standardised = the healthy per-channel std (default); raw = the "
                         "encoder's raw features, as in the paper (its 0.08 is raw)")
+    p.add_argument("--real-noise-sigma", type=float, default=TrainConfig.real_noise_sigma,
+                   help="std of noise added to the healthy training vectors, in standardised units (default 0: "
+                        "none; measured 0.1: see README); must stay well below --noise-sigma")
     p.add_argument("--loss", choices=LOSSES,
                    help="spp: focal ML + Semi-Push-Pull (default, the paper); triplet: ML + triplet margin loss on "
                         "real vs noisy log-likelihoods (the public code's later variant)")
@@ -985,7 +1006,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
                                noise_sigma=args.noise_sigma, noise_space=args.noise_space, loss=args.loss,
                                triplet_margin=args.triplet_margin, background=args.background, seed=args.seed,
                                calibration_fpr=args.calibration_fpr, time_budget_min=args.time_budget_min,
-                               position_norm=args.position_norm, keep=args.keep, augment=args.augment)
+                               position_norm=args.position_norm, keep=args.keep, augment=args.augment,
+                               real_noise_sigma=args.real_noise_sigma)
     summary = {
         "name": args.name,
         "modality": args.modality,
