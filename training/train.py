@@ -368,6 +368,18 @@ def _save_checkpoint(output: Path, net, optimizer, epoch: int, history: History,
         tmp.write_text(json.dumps({"epoch": epoch, "history": history.rows, **meta}, indent=1))
 
 
+def _with_new_fields(saved: dict, current: dict, fresh: dict) -> dict:
+    """``saved`` (a checkpoint's model configuration) with the fields added since, nested ones included
+    (e.g. ``scoring.encoder_precision``), set to their defaults from ``fresh``."""
+    out = dict(saved)
+    for key, value in current.items():
+        if key not in out:
+            out[key] = fresh.get(key)
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_new_fields(out[key], value, fresh.get(key) or {})
+    return out
+
+
 def _load_checkpoint(output: Path, net, optimizer, meta: dict) -> tuple[int, History]:
     import torch
     from safetensors.torch import load_file
@@ -376,10 +388,8 @@ def _load_checkpoint(output: Path, net, optimizer, meta: dict) -> tuple[int, His
     if not (weights.exists() and info.exists()):
         raise UserError(f"{info}: no checkpoint to resume from; run without --resume")
     saved = json.loads(info.read_text())
-    saved_config = dict(saved.get("model_config") or {})
-    fresh = _config_dict(type(net.config)())
-    for key in meta["model_config"].keys() - saved_config.keys():  # fields added since: their defaults applied
-        saved_config[key] = fresh.get(key)
+    saved_config = _with_new_fields(saved.get("model_config") or {}, meta["model_config"],
+                                    _config_dict(type(net.config)()))
     if saved_config != meta["model_config"]:
         raise UserError(f"{info}: checkpoint was made with another model configuration; resume with the same options")
     tensors = load_file(str(weights))

@@ -46,7 +46,7 @@ def autocast_dtype(device: str):
 
     Only the benchmark's paper-engine timing uses it: detection computes features in the precision the
     model was calibrated in (``encoder_autocast``), since bf16 features move the default model's
-    heatmap by up to 2.5 (its threshold is 1.9) and a finding must not depend on the device. On the
+    heatmap by up to 2.6 (its threshold is 1.95) and a finding must not depend on the device. On the
     CPU fp32 is also the faster: on a Xeon with AMX the frozen fp32 encoder took 0.24 s a volume
     against 0.28 s in bf16 autocast; emulated bf16 (most CPUs) is slower still.
     """
