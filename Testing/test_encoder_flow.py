@@ -289,6 +289,29 @@ def test_flow_rejects_odd_condition_size():
         build_flow(8, FlowConfig(blocks=1, pos_dim=7))
 
 
+def test_a_seeded_flow_is_the_same_whatever_was_drawn_before_and_leaves_the_generators_alone():
+    config = FlowConfig(blocks=2, pos_dim=4)
+
+    def weights(flow):
+        return torch.cat([p.detach().flatten() for p in flow.state_dict().values()])
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    first = weights(build_flow(6, config, seed=7))
+    after = torch.randn(4), np.random.rand(4)  # the draws that come next with no flow built at all
+    torch.manual_seed(3)
+    np.random.seed(3)
+    torch.randn(1000)  # e.g. an encoder that builds more layers first
+    np.random.rand(10)
+    torch.testing.assert_close(weights(build_flow(6, config, seed=7)), first, rtol=0, atol=0)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    build_flow(6, config, seed=7)
+    torch.testing.assert_close(torch.randn(4), after[0], rtol=0, atol=0)
+    np.testing.assert_array_equal(np.random.rand(4), after[1])
+    assert not torch.equal(weights(build_flow(6, config, seed=8)), first)
+
+
 def test_log_likelihood_is_a_normalised_density():
     """exp(C * log p / C) integrates to 1 over the plane for a 2-D flow (change of variables is right)."""
     torch.manual_seed(0)

@@ -397,10 +397,19 @@ def test_healthy_vectors_are_jittered_only_when_asked_and_less_than_the_syntheti
     assert abs(float((jittered - real).std()) - 0.1) < 0.005 and abs(float((fake - jittered).std()) - 0.3) < 0.01
     args = _train_args()
     train.resolve_options(args)
-    assert args.real_noise_sigma == 0.0 == TrainConfig().real_noise_sigma
+    assert args.real_noise_sigma == 0.1 == TrainConfig().real_noise_sigma
+    paper = _train_args("--preset", "paper", "--encoder-weights", "none")
+    train.resolve_options(paper)
+    assert paper.real_noise_sigma == 0.0  # the paper does not jitter
     for bad in ("-0.1", "0.3", "nan"):
         with pytest.raises(UserError, match=f"--real-noise-sigma {bad}: give 0"):
             train.resolve_options(_train_args("--real-noise-sigma", bad))
+    # A lower --noise-sigma than the default jitter: the error says the jitter was the default.
+    with pytest.raises(UserError, match=r"--real-noise-sigma 0.1 \(the default\): give 0 .* --noise-sigma \(0.05\)"):
+        train.resolve_options(_train_args("--noise-sigma", "0.05"))
+    low = _train_args("--noise-sigma", "0.05", "--real-noise-sigma", "0")
+    train.resolve_options(low)
+    assert low.real_noise_sigma == 0.0
 
 
 def test_neighbourhood_must_be_an_odd_number_of_cells(tmp_path):

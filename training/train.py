@@ -44,8 +44,8 @@ class TrainConfig:
     noise_space: str = "standardised"
     # Std of Gaussian noise added to the healthy vectors themselves (standardised units; 0 = none): each
     # position has one vector per training subject, and the jitter keeps the flow from fitting those
-    # few points tighter than a new subject's vector falls.
-    real_noise_sigma: float = 0.0
+    # few points tighter than a new subject's vector falls (0.1 from model 1.5.0; README, Training options).
+    real_noise_sigma: float = 0.1
     # "spp": focal ML + BGAD's Semi-Push-Pull (the paper); "triplet": the public code's later variant.
     loss: str = "spp"
     triplet_margin: float = 1.0
@@ -764,12 +764,12 @@ OPTION_DEFAULTS = {
     "backbone": "tf_efficientnet_lite0", "taps": "2,3", "channels_per_tap": 64, "encoder_weights": "imagenet",
     "neighbourhood": 1, "group": 3, "aggregation": "mean", "slab_position": True, "blocks": 8,
     "position_norm": TrainConfig.position_norm, "smoothing_mm": 6.0, "guide_radius_mm": 4.0, "score_stride": 1,
-    "encoder_precision": "fp32",
+    "encoder_precision": "fp32", "real_noise_sigma": TrainConfig.real_noise_sigma,
 }
 # The options only the simpleslicenet method reads (train_u2ad.add_arguments adds only u2ad's).
 SIMPLESLICENET_OPTIONS = (
     *(key for key in OPTION_DEFAULTS if key not in ("epochs", "lr")), "triplet_margin", "keep", "slab_stride",
-    "position_stats", "augment", "real_noise_sigma",
+    "position_stats", "augment",
 )
 PRESETS = {
     # arXiv 2408.15958 and its public code (DESIGN.md section 3). The paper adds N(0, 0.08^2) to the raw
@@ -781,6 +781,7 @@ PRESETS = {
         "noise_space": "raw", "loss": "spp", "epochs": 30,
         "lr": 1e-3, "lr_schedule": "constant", "group": 3, "aggregation": "mean", "slab_position": False,
         "position_norm": False, "smoothing_mm": 4.0, "guide_radius_mm": 0.0, "score_stride": None,
+        "real_noise_sigma": 0.0,
     },
 }
 
@@ -794,6 +795,7 @@ def resolve_options(args: argparse.Namespace) -> None:
         raise UserError("--preset paper uses wide_resnet50_2, whose ImageNet weights do not ship offline: add "
                         "--encoder-weights timm (downloads them; online only) or --encoder-weights FILE "
                         "(or --encoder-weights none for an untrained encoder, for timing only)")
+    jitter_given = args.real_noise_sigma is not None
     for key in {**OPTION_DEFAULTS, **preset}:
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, OPTION_DEFAULTS.get(key)))
@@ -806,9 +808,12 @@ def resolve_options(args: argparse.Namespace) -> None:
             raise UserError(f"--{error}")
     if args.method == "simpleslicenet" and args.augment < 1:
         raise UserError(f"--augment {args.augment}: give 1 (no placement jitter) or more placements per volume")
-    if not math.isfinite(args.real_noise_sigma) or args.real_noise_sigma < 0 or \
-            (args.real_noise_sigma > 0 and args.real_noise_sigma >= args.noise_sigma):
-        raise UserError(f"--real-noise-sigma {args.real_noise_sigma:g}: give 0 (none) or more, below --noise-sigma "
+    # In raw units (--noise-space raw) the two scales cannot be compared before the features are seen.
+    jitter = args.real_noise_sigma
+    if not math.isfinite(jitter) or jitter < 0 or \
+            (jitter > 0 and jitter >= args.noise_sigma and args.noise_space == "standardised"):
+        where = "" if jitter_given else " (the default)"
+        raise UserError(f"--real-noise-sigma {jitter:g}{where}: give 0 (none) or more, below --noise-sigma "
                         f"({args.noise_sigma:g}), or healthy vectors look like the synthetic anomalies")
     if args.position_stats and not args.position_norm:
         raise UserError("--position-stats gives volumes for the per-position statistics, which --no-position-norm "
@@ -849,9 +854,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--noise-space", choices=NOISE_SPACES,
                    help="units of --noise-sigma: standardised = the healthy per-channel std (default); raw = the "
                         "encoder's raw features, as in the paper (its 0.08 is raw)")
-    p.add_argument("--real-noise-sigma", type=float, default=TrainConfig.real_noise_sigma,
-                   help="std of noise added to the healthy training vectors, in standardised units (default 0: "
-                        "none; measured 0.1: see README); must stay well below --noise-sigma")
+    p.add_argument("--real-noise-sigma", type=float,
+                   help=f"std of noise added to the healthy training vectors, in standardised units (default "
+                        f"{TrainConfig.real_noise_sigma:g}, --preset paper 0 = none; see README); must stay well "
+                        "below --noise-sigma")
     p.add_argument("--loss", choices=LOSSES,
                    help="spp: focal ML + Semi-Push-Pull (default, the paper); triplet: ML + triplet margin loss on "
                         "real vs noisy log-likelihoods (the public code's later variant)")
@@ -958,8 +964,6 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         return train_u2ad.run(args, progress)
     if not context.is_writer:
         progress = Progress(progress.task, "none")  # rank 0 reports for the job
-    import torch
-
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
@@ -1002,12 +1006,10 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     if context.active:
         progress.info(f"distributed training: {context.world_size} processes ({backend}); training volumes sharded "
                       "by rank, rank 0 validates and writes")
-    # The flow's initial weights (torch) and FrEIA's fixed permutations (numpy's global generator) come
-    # from --seed too, so a run can be repeated.
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    # The flow's initial weights come from --seed alone, so a run can be repeated, also after a change
+    # to what the encoder builds.
     try:
-        net = SliceNetModel(config, encoder_weights=args.encoder_weights).to(device.name)
+        net = SliceNetModel(config, encoder_weights=args.encoder_weights, flow_seed=args.seed).to(device.name)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     output_dir = Path(args.output_dir) if args.output_dir else user_models_dir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,13 +51,32 @@ def positional_encoding(h: int, w: int, d: int, dim: int, depth: bool, depth_sub
     return torch.cat(grids, dim=-1)
 
 
-def build_flow(dim: int, config: FlowConfig) -> nn.Module:
-    """FrEIA SequenceINN of AllInOneBlocks conditioned on a positional code."""
+def build_flow(dim: int, config: FlowConfig, seed: int | None = None) -> nn.Module:
+    """FrEIA SequenceINN of AllInOneBlocks conditioned on a positional code.
+
+    ``seed``: draw the initial weights (torch) and the blocks' fixed rotations (numpy's global
+    generator, which FrEIA uses) from this seed alone, leaving both generators as they were, so a
+    training recipe gives the same flow whatever was built before it (e.g. fewer backbone stages).
+    None: from the generators' current state.
+    """
+    if config.pos_dim % 2:
+        raise ValueError("pos_dim must be even")
+    if seed is None:
+        return _build_flow(dim, config)
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            return _build_flow(dim, config)
+    finally:
+        np.random.set_state(numpy_state)
+
+
+def _build_flow(dim: int, config: FlowConfig) -> nn.Module:
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
 
-    if config.pos_dim % 2:
-        raise ValueError("pos_dim must be even")
     hidden = int(round(config.hidden_ratio * dim))
 
     def subnet(dims_in: int, dims_out: int) -> nn.Module:

@@ -98,9 +98,12 @@ def slab_layout_error(slices: int, group: int, stride: int, score_stride: int | 
 
 
 class SliceNetModel(nn.Module):
-    """Encoder + per-channel feature standardisation + conditional flow."""
+    """Encoder + per-channel feature standardisation + conditional flow.
 
-    def __init__(self, config: SliceNetConfig, encoder_weights: str = "none") -> None:
+    ``flow_seed``: the flow's initial weights come from this seed alone (``build_flow``).
+    """
+
+    def __init__(self, config: SliceNetConfig, encoder_weights: str = "none", flow_seed: int | None = None) -> None:
         super().__init__()
         shape = config.preprocess.shape
         error = slab_layout_error(shape[2], config.group, config.stride, config.score_stride)
@@ -115,7 +118,7 @@ class SliceNetModel(nn.Module):
         # synthesis mean the same thing for every backbone.
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_std", torch.ones(dim))
-        self.flow = build_flow(dim, config.flow)
+        self.flow = build_flow(dim, config.flow, flow_seed)
         h, w = (s // self.encoder.reduction for s in shape[:2])
         code = positional_encoding(h, w, config.slabs(shape[2]), config.flow.pos_dim, config.flow.pos_depth,
                                    config.fit_step)
