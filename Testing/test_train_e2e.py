@@ -206,6 +206,20 @@ def test_scoring_every_slice_leaves_the_flows_training_as_it_was(synth_set, tmp_
     assert not torch.allclose(nll[:, :, 1::3], nll[:, :, ::3][:, :, :-1], rtol=1e-3, atol=1e-3)
 
 
+def test_a_run_with_an_untrained_encoder_repeats_to_the_bit(synth_set, tmp_path):
+    """--encoder-weights none: the encoder's random weights come from --seed as the flow's do (the same on
+    every rank under torchrun), so the same command gives the same model."""
+    base = ["train", "--train", str(synth_set.manifest), "--shape", "64,64,24", "--spacing", "3,3,6",
+            "--epochs", "1", "--blocks", "2", "--device", "cpu", "--encoder-weights", "none",
+            "--output-dir", str(tmp_path)]
+    for name in ("first", "again"):
+        done = run_cli(*base, "--name", name)
+        assert done.returncode == 0, done.stderr[-2000:]
+    first, again = (load_file(tmp_path / f"{name}.safetensors") for name in ("first", "again"))
+    assert any(k.startswith("encoder.") for k in first) and any(k.startswith("flow.") for k in first)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_calibration_items_have_the_features_detection_sees(tiny_model, synth_set):
     from SimpleSliceNetLib.detector import build_model
     from SimpleSliceNetLib.devices import encoder_autocast

@@ -964,6 +964,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         return train_u2ad.run(args, progress)
     if not context.is_writer:
         progress = Progress(progress.task, "none")  # rank 0 reports for the job
+    import torch
+
     from SimpleSliceNetLib.devices import choose_device
     from SimpleSliceNetLib.encoder import EncoderConfig
     from SimpleSliceNetLib.flow import FlowConfig
@@ -1007,7 +1009,9 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         progress.info(f"distributed training: {context.world_size} processes ({backend}); training volumes sharded "
                       "by rank, rank 0 validates and writes")
     # The flow's initial weights come from --seed alone, so a run can be repeated, also after a change
-    # to what the encoder builds.
+    # to what the encoder builds; an untrained encoder (--encoder-weights none) from --seed too, the same
+    # on every rank.
+    torch.manual_seed(args.seed)
     try:
         net = SliceNetModel(config, encoder_weights=args.encoder_weights, flow_seed=args.seed).to(device.name)
     except ValueError as exc:
