@@ -44,7 +44,7 @@ class TrainConfig:
     noise_space: str = "standardised"
     # Std of Gaussian noise added to the healthy vectors themselves (standardised units; 0 = none): each
     # position has one vector per training subject, and the jitter keeps the flow from fitting those
-    # few points tighter than a new subject's vector falls (0.1 from model 1.5.0; README, Training options).
+    # few points tighter than a new subject's vector falls (default since 2026-12-07; README, Training options).
     real_noise_sigma: float = 0.1
     # "spp": focal ML + BGAD's Semi-Push-Pull (the paper); "triplet": the public code's later variant.
     loss: str = "spp"
