@@ -15,7 +15,7 @@ from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import Volume, save_volume
 from SimpleSliceNetTraining.baseline import IntensityBaseline
 from SimpleSliceNetTraining.datasets import Case
-from SimpleSliceNetTraining.evaluate import evaluate, markdown_table
+from SimpleSliceNetTraining.evaluate import _safe, evaluate, markdown_table
 from SimpleSliceNetTraining.plots import plot_training_curves
 
 SHAPE = (36, 40, 32)
@@ -266,3 +266,63 @@ def test_scorer_with_maps_off_the_input_grid_is_a_bug(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="input grid"):
         evaluate(cases, {"cropping": cropping_scorer}, tmp_path / "out", Progress("evaluate", "none"))
+
+
+def test_evaluate_compares_models_and_their_mean(tiny_model, synth_set, tmp_path: Path) -> None:
+    """Two models side by side on the same cases and, with --ensemble, the mean of their heatmaps / thresholds."""
+    from conftest import run_cli
+
+    from SimpleSliceNetLib.volume_io import load_volume
+
+    bundled = "simpleslicenet-t1-synth"
+    out = tmp_path / "eval"
+    done = run_cli("--progress", "none", "evaluate", "--data", str(synth_set.manifest), "--split", "val",
+                   "--model", str(tiny_model.json), bundled, "--ensemble", "--save-maps", "--no-baseline",
+                   "--output-dir", str(out), "--device", "cpu")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    methods = json.loads((out / "metrics.json").read_text())["methods"]
+    labels = list(methods)
+    assert len(labels) == 3 and labels[0].startswith("tiny ") and labels[1].startswith(f"{bundled} ")
+    assert labels[2] == "mean of 2 models"
+    assert [m["id"] for m in methods[labels[2]]["info"]["members"]] == ["tiny", bundled]
+    thresholds = []
+    for label in labels[:2]:
+        info = methods[label]["info"]
+        thresholds.append(json.loads(Path(info["path"]).read_text())["config"]["scoring"]["threshold"])
+    for case in ("val_healthy", "val_glioma"):
+        maps = [load_volume(out / "maps" / _safe(label) / f"{case}_heatmap.nii.gz") for label in labels]
+        expected = (maps[0].array / thresholds[0] + maps[1].array / thresholds[1]) / 2
+        np.testing.assert_allclose(maps[2].array, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(maps[2].affine, maps[0].affine)
+        record = next(c for c in methods[labels[2]]["cases"] if c["case"] == case)
+        brain = (maps[0].array != 0) | (maps[1].array != 0)  # the maps are 0 outside the brain
+        assert record["volume_score"] == pytest.approx(float(expected[brain].max()), rel=1e-5)
+    lesion = {label: next(c for c in methods[label]["cases"] if c["case"] == "val_glioma") for label in labels}
+    assert all(0.5 < record["voxel_auroc"] <= 1 for record in lesion.values())
+
+    alone = run_cli("evaluate", "--data", str(synth_set.manifest), "--split", "val", "--model", bundled,
+                    "--ensemble", "--output-dir", str(tmp_path / "alone"))  # fmt: skip
+    assert alone.returncode != 0 and "--ensemble needs at least two models" in alone.stderr
+    assert "Traceback" not in alone.stderr and not (tmp_path / "alone").exists()
+
+
+def test_detector_set_runs_each_detector_once_per_volume(tiny_model, synth_set) -> None:
+    from SimpleSliceNetLib.detector import Detector
+    from SimpleSliceNetLib.volume_io import load_volume
+    from SimpleSliceNetTraining.ensemble import DetectorSet
+
+    detectors = [Detector.load(tiny_model.json, device="cpu") for _ in range(2)]
+    calls = []
+    for index, detector in enumerate(detectors):
+        detect = detector.detect
+        detector.detect = lambda volume, mask, detect=detect, index=index: calls.append(index) or detect(volume, mask)
+    runs = DetectorSet(detectors)
+    volume = load_volume(synth_set.val_lesion)
+    first = runs.member(0)(volume, None)
+    mean = runs.mean(volume, None)
+    assert calls == [0, 1] and runs.member(1)(volume, None) is runs.result(1, volume, None)
+    # Same model twice: the mean of heatmap / threshold is each one's heatmap / threshold.
+    np.testing.assert_allclose(mean.heatmap, first.heatmap / first.threshold, rtol=1e-6)
+    assert mean.threshold == 1.0 and mean.volume_score == pytest.approx(first.volume_score / first.threshold)
+    runs.mean(load_volume(synth_set.val_lesion), None)  # another volume object: both run again
+    assert calls == [0, 1, 0, 1]

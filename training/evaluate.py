@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from SimpleSliceNetLib.progress import Progress
 from SimpleSliceNetLib.volume_io import Volume, atomic_path, load_volume, save_volume
 
 from . import metrics as M
+
+if TYPE_CHECKING:
+    from SimpleSliceNetLib.detector import Detector
 
 FPR_LIMIT = 0.3
 FORMAT = "simpleslicenet-evaluation"
@@ -425,7 +428,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True, help="cases.json manifest, BraTS/IXI folder or folder of volumes")
     parser.add_argument("--split", default="test",
                         help="split to evaluate (default: test; BraTS: the cases after the first 251; all: every case)")
-    parser.add_argument("--model", default=None, help="model name or .json/.safetensors path (default: bundled)")
+    parser.add_argument("--model", nargs="+", default=[None], metavar="MODEL",
+                        help="model name or .json/.safetensors path (default: bundled); several models are "
+                        "scored side by side on the same cases, each a row named by its id and version")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="with several models: also score the mean of their heatmaps, each divided by its "
+                        "model's threshold (so the combination's threshold is 1; its s/case is the averaging only)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--output-dir", default="evaluation", type=Path, help="where to write the report")
     parser.add_argument("--no-baseline", action="store_true", help="do not score the intensity baseline")
@@ -437,23 +445,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _method_label(detector: Detector, several: bool) -> str:
+    """A model's row in the table: its method, or with several models its id and version."""
+    if several:
+        return f"{detector.model.id} {detector.model.version}"
+    return {"simpleslicenet": "SimpleSliceNet", "u2ad": "U2AD"}.get(detector.model.method, detector.model.method)
+
+
 def run(args: argparse.Namespace, progress: Progress) -> int:
-    """CLI entry: load the cases and the model, evaluate, print the table; 1 if any case failed."""
+    """CLI entry: load the cases and the model(s), evaluate, print the table; 1 if any case failed."""
     from SimpleSliceNetLib.detector import Detector
 
     from .baseline import IntensityBaseline
     from .datasets import load_cases, split_rule
+    from .ensemble import DetectorSet
 
+    if args.ensemble and len(args.model) < 2:
+        raise UserError("--ensemble needs at least two models after --model")
     cases = load_cases(args.data, split=args.split, contrast=args.contrast, rule=split_rule(args))
     if not cases:
         raise UserError(f"{args.data}: no cases in split '{args.split}'; check --data and --split")
     progress.emit("start", total=len(cases))
-    detector = Detector.load(args.model, device=args.device)
-    if detector.device.note:
-        progress.info(detector.device.note)
-    label = {"simpleslicenet": "SimpleSliceNet", "u2ad": "U2AD"}.get(detector.model.method, detector.model.method)
-    scorers: dict[str, Scorer] = {label: detector.detect}
-    info = {label: dict(detector.info)}
+    detectors = [Detector.load(model, device=args.device) for model in args.model]
+    if detectors[0].device.note:
+        progress.info(detectors[0].device.note)
+    runs = DetectorSet(detectors)
+    scorers: dict[str, Scorer] = {}
+    info: dict[str, dict] = {}
+    for index, detector in enumerate(detectors):
+        label = _method_label(detector, several=len(detectors) > 1)
+        if label in scorers:
+            label = f"{label} ({index + 1})"
+        scorers[label] = runs.member(index)
+        info[label] = dict(detector.info)
+    if args.ensemble:
+        label = f"mean of {len(detectors)} models"
+        scorers[label] = runs.mean
+        info[label] = {"members": [dict(detector.info) for detector in detectors]}
     if not args.no_baseline:
         baseline = IntensityBaseline()
         scorers["intensity baseline"] = baseline
