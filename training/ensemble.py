@@ -10,22 +10,11 @@ builds such an ensemble into a model file.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from SimpleSliceNetLib.detector import DetectionResult, Detector
+from SimpleSliceNetLib.detector import DetectionResult, Detector, volume_score
 from SimpleSliceNetLib.volume_io import Volume
-
-
-@dataclass
-class EnsembleResult:
-    """The fields of a detection result that evaluation uses."""
-
-    heatmap: np.ndarray
-    brain_mask: np.ndarray
-    volume_score: float
-    threshold: float = 1.0
 
 
 class DetectorSet:
@@ -50,9 +39,9 @@ class DetectorSet:
         """Scorer of detector ``index`` alone."""
         return lambda volume, mask: self.result(index, volume, mask)
 
-    def mean(self, volume: Volume, mask: np.ndarray | None) -> EnsembleResult:
+    def mean(self, volume: Volume, mask: np.ndarray | None) -> DetectionResult:
         """Scorer of the mean of every detector's heatmap / its threshold (threshold 1); the volume score is
-        its maximum in the union of the detectors' brain masks."""
+        its maximum in the union of the detectors' brain masks, the coverage the smallest of theirs."""
         results = [self.result(i, volume, mask) for i in range(len(self.detectors))]
         heatmap = np.zeros(volume.array.shape, dtype=np.float32)
         brain = np.zeros(volume.array.shape, dtype=bool)
@@ -60,5 +49,5 @@ class DetectorSet:
             heatmap += result.heatmap / np.float32(result.threshold)
             brain |= result.brain_mask
         heatmap /= np.float32(len(results))
-        score = float(np.max(heatmap, where=brain, initial=-np.inf)) if brain.any() else 0.0
-        return EnsembleResult(heatmap, brain, score)
+        return DetectionResult(heatmap, brain, volume_score(heatmap, brain), 1.0,
+                               min(result.coverage for result in results))

@@ -29,6 +29,12 @@ class DetectionResult:
     slab_scores: list = field(default_factory=list)  # max score per slab along the slice axis (U2AD)
 
 
+def volume_score(heatmap: np.ndarray, brain: np.ndarray) -> float:
+    """A scan's score: the heatmap's maximum in the brain (0 without brain)."""
+    # A reduction with where= reads both arrays in memory order (indexing with the mask does not).
+    return float(np.max(heatmap, where=brain, initial=-np.inf)) if brain.any() else 0.0
+
+
 def build_model(model: ModelFile) -> torch.nn.Module:
     """The network described by ``model`` (a SliceNetModel or a U2ADModel) with its weights loaded (strictly)."""
     if model.method not in ("simpleslicenet", "u2ad"):
@@ -132,8 +138,6 @@ class Detector:
             maps = analyse(self.net, pre, self.autocast, lap=lap)
             heatmap, slabs = maps.heatmap, maps.slab_scores
             extra_maps = {"uncertainty": maps.uncertainty, "aleatoric": maps.aleatoric}
-        # A reduction with where= reads both arrays in memory order (indexing with the mask does not).
-        score = float(np.max(heatmap, where=pre.input_brain, initial=-np.inf)) if pre.input_brain.any() else 0.0
-        return DetectionResult(heatmap, pre.input_brain, score, self.threshold, pre.coverage, timings, extra_maps,
-                               slabs)
+        return DetectionResult(heatmap, pre.input_brain, volume_score(heatmap, pre.input_brain), self.threshold,
+                               pre.coverage, timings, extra_maps, slabs)
 
